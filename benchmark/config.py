@@ -1,0 +1,123 @@
+"""Compose configs with Hydra's compose API and expand Hydra sweep overrides.
+
+``python -m benchmark.run method=imf nfe=1,2`` takes Hydra's override grammar; any sweep
+form (``a,b``, ``choice(a,b)``, ``range(1,4)``) is a sweep without ``--multirun``: this
+module expands the cartesian product and composes one config per point.  Torch-free.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmark.schema import RunConfig, UserError, build_run_config
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+GROUPS = ("method", "model", "data", "train", "eval", "launcher")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One composed sweep point: the overrides that made it and its resolved config."""
+
+    overrides: tuple[str, ...]
+    config: RunConfig
+
+
+def group_choices(group: str) -> list[str]:
+    """Names of the YAML files in ``configs/<group>/``."""
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def expand_overrides(overrides: list[str]) -> list[tuple[str, ...]]:
+    """Hydra overrides -> one override list per sweep point (cartesian product, in order)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as err:
+        bad = str(err).splitlines()[0]
+        raise UserError(f"{bad}; expected key=value or key=a,b,c (Hydra override grammar)") from None
+    axes: list[list[str]] = []
+    for override in parsed:
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            values = [f"{key}={v}" for v in override.sweep_string_iterator()]
+            if not values:
+                raise UserError(f"{override.input_line} is an empty sweep; give at least one value")
+            axes.append(values)
+        else:
+            axes.append([override.input_line])
+    return [tuple(point) for point in itertools.product(*axes)]
+
+
+def compose(overrides: tuple[str, ...]) -> dict:
+    """Compose the root config with ``overrides`` (no sweeps) into a plain dict."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+        return OmegaConf.to_container(cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise UserError(_explain(err, overrides)) from None
+
+
+def _explain(err: Exception, overrides: tuple[str, ...]) -> str:
+    """Hydra's multi-line errors -> one line naming the value, what was expected, the fix."""
+    text = str(err)
+    for group in GROUPS:
+        if f"Could not find '{group}/" in text or f"'{group}/" in text and "not found" in text:
+            bad = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == group), "?")
+            return (f"unknown {group} '{bad}'; expected one of: {', '.join(group_choices(group))}"
+                    f" (configs/{group}/)")
+    if "Could not override '" in text or "Key '" in text:
+        marker = "Could not override '" if "Could not override '" in text else "Key '"
+        key = text.split(marker, 1)[1].split("'", 1)[0]
+        full = next((o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0].endswith(key)), key)
+        return (f"unknown key '{full.lstrip('+')}'; expected a key of the resolved config: see "
+                f"`python -m benchmark.run --help` for the groups and `--dry-run` for every key")
+    return text.splitlines()[0]
+
+
+def compose_points(overrides: list[str]) -> list[Point]:
+    """Every sweep point, composed and type-checked."""
+    points = []
+    for point in expand_overrides(overrides):
+        points.append(Point(point, build_run_config(compose(point))))
+    return points
+
+
+def method_yaml(name: str) -> str:
+    """The ``configs/method/<name>.yaml`` text for a method: every field of its config
+    dataclass with its default, axis and help (a test keeps the files in sync)."""
+    import dataclasses
+
+    from methods.specs import get_spec
+
+    import sys
+
+    spec = get_spec(name)
+    doc = sys.modules[spec.__class__.__module__].__doc__ or name
+    lines = [f"# {name}: {doc.strip().splitlines()[0]}",
+             f"# Fields are declared in methods/specs/{name}.py; [train] fields change the checkpoint,",
+             "# [eval] fields are evaluation axes that reuse it.", f"name: {name}"]
+    for f in dataclasses.fields(spec.Config):
+        value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rendered = json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+        lines.append(f"{f.name}: {rendered}  # [{f.metadata['axis']}] {f.metadata['help']}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m benchmark.config: rewrite configs/method/*.yaml
+    from methods.specs import METHOD_NAMES
+
+    for method_name in METHOD_NAMES:
+        (CONFIG_DIR / "method" / f"{method_name}.yaml").write_text(method_yaml(method_name))

@@ -1,0 +1,129 @@
+"""Sweep planning: split sweep points into training jobs and evaluation jobs.  Torch-free.
+
+Training axes (one checkpoint each): the method and its training fields, model, data,
+training budget, seed.  Evaluation axes (reuse the checkpoint): nfe, guidance where the
+method takes it at sampling time, the method's evaluation fields, the eval group.  A
+guidance value a method takes at training time (MeanFlow's omega) becomes a training axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from benchmark.catalog import BACKBONE_VERSIONS, dataset_info
+from benchmark.config import Point
+from benchmark.keys import short_hash
+from benchmark.schema import RunConfig, UserError, method_config, semantic_fields
+from methods.specs import InvalidPoint, get_spec
+
+
+@dataclass
+class TrainingJob:
+    key: str
+    config: RunConfig
+    method_name: str
+    method_train: dict[str, Any]
+    identity: dict[str, Any]
+
+
+@dataclass
+class EvalJob:
+    key: str
+    train_key: str
+    nfe: int
+    nfe_counted: int
+    guidance: float
+    method_eval: dict[str, Any]
+    identity: dict[str, Any]
+
+
+@dataclass
+class Plan:
+    trainings: list[TrainingJob] = field(default_factory=list)
+    evaluations: list[EvalJob] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+
+
+def training_identity(cfg: RunConfig, method_name: str, method_train: dict) -> dict:
+    """Everything that changes the trained weights, versions included."""
+    spec = get_spec(method_name)
+    data = dataset_info(cfg.data.name)
+    return {
+        "method": {"name": method_name, "version": spec.version, **method_train},
+        "model": {**semantic_fields(cfg.model), "backbone_version": BACKBONE_VERSIONS[cfg.model.backbone]},
+        "data": {"name": cfg.data.name, "options": cfg.data.options, "version": data.version},
+        "train": semantic_fields(cfg.train),
+        "seed": cfg.seed,
+    }
+
+
+def plan_points(points: list[Point]) -> Plan:
+    """Validate every point, dedupe trainings and evaluations by key."""
+    plan, seen_train, seen_eval, errors = Plan(), {}, set(), []
+    methods = {p.config.method.get("name") for p in points}
+    notified = set()
+    for point in points:
+        try:
+            job, ev = _plan_point(point, plan, notified)
+        except InvalidPoint as err:
+            errors.append(str(err))
+            continue
+        if job.key not in seen_train:
+            seen_train[job.key] = job
+            plan.trainings.append(job)
+        if ev.key not in seen_eval:
+            seen_eval.add(ev.key)
+            plan.evaluations.append(ev)
+    if errors and (len(methods) == 1 or not plan.evaluations):
+        raise UserError(errors[0])
+    plan.skipped = list(dict.fromkeys(errors))
+    return plan
+
+
+def _plan_point(point: Point, plan: Plan, notified: set) -> tuple[TrainingJob, EvalJob]:
+    cfg = point.config
+    name = cfg.method.get("name")
+    try:
+        spec = get_spec(name)
+    except KeyError as err:
+        raise UserError(err.args[0] + " (configs/method/)") from None
+    mcfg = method_config(spec, cfg.method)
+    train_fields, eval_fields = mcfg.split()
+    data = dataset_info(cfg.data.name)
+    _check_backbone(cfg, data.kind)
+    guidance = cfg.guidance
+    if spec.guidance == "train":
+        train_fields[spec.guidance_field] = guidance
+        mcfg = dataclasses.replace(mcfg, **{spec.guidance_field: guidance})
+        if guidance != 1.0 and name not in notified:
+            notified.add(name)
+            plan.notices.append(f"{name} takes guidance at training time: guidance becomes a "
+                                f"training axis (method.{spec.guidance_field}), one checkpoint per value")
+    if not data.conditional and guidance != 1.0:
+        raise InvalidPoint(f"guidance={guidance} needs class labels but data={cfg.data.name} is "
+                           f"unconditional; expected guidance=1")
+    spec.validate(mcfg, cfg.nfe, guidance)
+    identity = training_identity(cfg, name, train_fields)
+    train_key = short_hash(identity)
+    job = TrainingJob(train_key, cfg, name, train_fields, identity)
+    eval_guidance = guidance if spec.guidance in ("eval_cfg", "eval_input") else 1.0
+    eval_identity = {
+        "train_key": train_key, "nfe": cfg.nfe, "guidance": eval_guidance,
+        "method": eval_fields, "eval": semantic_fields(cfg.eval), "checkpoint": "final",
+        "metric": data.metric,
+    }
+    ev = EvalJob(short_hash(eval_identity), train_key, cfg.nfe,
+                 spec.nfe_cost(mcfg, cfg.nfe, eval_guidance), guidance, eval_fields, eval_identity)
+    return job, ev
+
+
+def _check_backbone(cfg: RunConfig, kind: str) -> None:
+    expected = "dit" if kind == "image" else "mlp"
+    if cfg.model.backbone != expected:
+        raise UserError(f"model={cfg.model.name} is a {cfg.model.backbone} backbone but data="
+                        f"{cfg.data.name} needs a {expected} backbone; expected "
+                        + ("model=dit-tiny (or another dit-*)" if expected == "dit"
+                           else "model=mlp train=toy"))

@@ -1,0 +1,178 @@
+"""Run a benchmark sweep: ``python -m benchmark.run key=value ... [--dry-run] [--force]``.
+
+Overrides use Hydra's grammar; a comma list (or ``choice(...)``, ``range(...)``) sweeps.
+Each distinct training configuration trains once; every evaluation point reuses its
+checkpoint.  Rerunning the same command resumes unfinished runs and reuses finished ones.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+
+from benchmark.config import CONFIG_DIR, GROUPS, compose_points, group_choices
+from benchmark.plan import EvalJob, Plan, TrainingJob, plan_points
+from benchmark.schema import UserError
+from benchmark.store import Store
+
+USAGE = "usage: python -m benchmark.run [key=value ...] [--dry-run] [--force] [--help]"
+
+
+def help_text() -> str:
+    lines = [USAGE, "", "Compare few-step generators on one backbone. A comma list sweeps: nfe=1,2,4.", "",
+             "config groups (pick one with group=name; override fields with group.field=value):"]
+    for group in GROUPS:
+        lines.append(f"  {group:<9} {', '.join(group_choices(group))}")
+    lines += ["", "top-level keys:",
+              "  nfe=N            sampling steps (evaluation axis)",
+              "  guidance=W       guidance scale omega, 1 = none (evaluation axis, or training for meanflow)",
+              "  seed=S           training seed",
+              "  results_dir=DIR  where runs, records and the MLflow store live (default results/)",
+              "  tracking.enabled=false   do not mirror to MLflow", "",
+              "flags:", "  --dry-run  print the resolved plan (cached or missing per row) and exit",
+              "  --force    recompute the requested points even if cached",
+              "", f"configs: {CONFIG_DIR}",
+              "example: python -m benchmark.run method=fm nfe=1,2,4,8"]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> tuple[list[str], set[str]]:
+    flags = {a for a in argv if a.startswith("--")}
+    unknown = flags - {"--dry-run", "--force", "--help", "-h"}
+    if unknown:
+        raise UserError(f"unknown flag {sorted(unknown)[0]}; expected --dry-run, --force or --help")
+    return [a for a in argv if not a.startswith("-")], flags | ({"--help"} if "-h" in argv else set())
+
+
+# ----------------------------------------------------------------------------------------
+# Printing
+
+
+def print_plan(plan: Plan, store: Store) -> None:
+    print(f"plan: {len(plan.trainings)} training(s), {len(plan.evaluations)} evaluation(s)")
+    for job in plan.trainings:
+        state = "cached" if store.is_trained(job.key) else "missing"
+        if state == "missing" and store.state_path(job.key).is_file():
+            state = "partial (resumes)"
+        print(f"\ntraining {job.key}  [{state}]  method={job.method_name} model={job.config.model.name} "
+              f"data={job.config.data.name} steps={job.config.train.steps}")
+        print("  " + json.dumps(job.identity, sort_keys=True))
+    print("\nevaluations:")
+    for ev in plan.evaluations:
+        state = "cached" if store.has_eval(ev.train_key, ev.key) else "missing"
+        params = "".join(f" {k}={v}" for k, v in ev.method_eval.items())
+        print(f"  eval {ev.key}  [{state}]  train={ev.train_key} nfe={ev.nfe} "
+              f"(passes {ev.nfe_counted}) guidance={ev.guidance:g}{params}")
+
+
+def format_table(records: list[dict]) -> str:
+    """Method, NFE (steps and counted), the dataset's metrics, seconds per sample."""
+    metric_cols = [("fd", "FD"), ("kid", "KID"), ("class_acc", "class acc"), ("swd", "SWD"), ("mmd", "MMD")]
+    present = [(k, h) for k, h in metric_cols if any(k in r["metrics"] for r in records)]
+    header = ["method", "model", "NFE", "counted", "guidance", *[h for _, h in present], "s/sample"]
+    rows = []
+    for r in records:
+        cells = [r["method"], r["model"], str(r["nfe"]), f"{r['nfe_counted']:g}", f"{r['guidance']:g}"]
+        cells += [_fmt(r["metrics"].get(k)) for k, _ in present]
+        cells.append(f"{r['sec_per_sample']:.2e}")
+        rows.append(cells)
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
+    floors = {r["metrics"].get("fd_floor") for r in records} - {None}
+    if floors:
+        out.append(f"FD floor (digits test split vs train split): {min(floors):.3f}")
+    return "\n".join(out)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+
+
+# ----------------------------------------------------------------------------------------
+# Executing
+
+
+def execute(plan: Plan, store: Store, force: bool = False) -> list[dict]:
+    """Train what is missing, evaluate what is missing, mirror to MLflow; return records."""
+    from benchmark.evaluate import evaluate
+    from benchmark.tracking import Tracker
+    from benchmark.train import load_trained, train
+
+    records: dict[str, dict] = {}
+    by_train = {job.key: job for job in plan.trainings}
+    for job in plan.trainings:
+        tracker = Tracker(job.config.tracking, store)
+        evals = [ev for ev in plan.evaluations if ev.train_key == job.key]
+        if force:
+            _forget(store, job, evals)
+        if not store.is_trained(job.key):
+            store.write_config(job.key, {"identity": job.identity, "overrides": "see identity"})
+            train(job, store)
+        missing = [ev for ev in evals if not store.has_eval(ev.train_key, ev.key)]
+        if missing:
+            trainee, final = load_trained(job, store)
+            tracker.log_training(job, final.get("curve", []), final.get("seconds"))
+            for ev in missing:
+                record = evaluate(job, ev, trainee, store, final)
+                tracker.log_evaluation(by_train[ev.train_key], record)
+        for ev in evals:
+            records[ev.key] = store.read_eval(ev.train_key, ev.key)
+    return [records[ev.key] for ev in plan.evaluations]
+
+
+def _forget(store: Store, job: TrainingJob, evals: list[EvalJob]) -> None:
+    """--force: drop this training's checkpoints and the requested evaluation records."""
+    for path in (store.state_path(job.key), store.final_path(job.key)):
+        path.unlink(missing_ok=True)
+    for ev in evals:
+        store.eval_path(ev.train_key, ev.key).unlink(missing_ok=True)
+    ledger = store.run_dir(job.key) / "mlflow.json"
+    if ledger.is_file():
+        shutil.copy(ledger, ledger.with_suffix(".json.bak"))
+        ledger.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        overrides, flags = parse_args(argv)
+        if "--help" in flags:
+            print(help_text())
+            return 0
+        plan = plan_points(compose_points(overrides))
+        for notice in plan.notices:
+            print(f"notice: {notice}")
+        if plan.skipped:
+            print(f"notice: skipped {len(plan.skipped)} point(s) a method cannot honour: "
+                  + "; ".join(plan.skipped))
+        store = Store(plan.trainings[0].config.results_dir)
+        if "--dry-run" in flags:
+            print_plan(plan, store)
+            return 0
+        start = time.perf_counter()
+        records = execute(plan, store, force="--force" in flags)
+        print(format_table(records))
+        print(f"done in {time.perf_counter() - start:.1f} s; records under {store.root}/runs")
+        return 0
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as err:
+        from benchmark.train import TrainingDiverged
+
+        if isinstance(err, TrainingDiverged):
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

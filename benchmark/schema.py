@@ -1,0 +1,197 @@
+"""Typed schemas of the config groups and the one function that checks a composed config.
+
+Hydra composes the YAML groups in ``configs/``; this module turns the composed dict into
+frozen dataclasses, rejecting unknown keys, wrong types and out-of-range values with one
+line that names the bad value, what was expected and how to fix it.  Torch-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: printed as one line, exit code 2."""
+
+
+def _spec(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+          choices: tuple | None = None, semantic: bool = True) -> Any:
+    meta = {"help": help, "min": min, "max": max, "choices": choices, "semantic": semantic}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _spec("dit-tiny", "size name from the registry (dit-tiny ... dit-xl, mlp)")
+    backbone: str = _spec("dit", "backbone family", choices=("dit", "mlp"))
+    conditioning_mode: str = _spec("adaln", "DiT conditioning; a method may ask for another",
+                                   choices=("adaln", "in_context"))
+    width: int = _spec(128, "MLP width (mlp only)", min=1)
+    depth: int = _spec(4, "MLP depth (mlp only)", min=1)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = _spec("digits", "dataset registry name")
+    options: dict = _spec({}, "dataset options (e.g. mean/std of gaussian1d)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = _spec(3000, "optimizer steps", min=1)
+    batch_size: int = _spec(128, "global batch size", min=1)
+    lr: float = _spec(1e-3, "peak AdamW learning rate", min=0.0)
+    betas: list = _spec([0.9, 0.999], "AdamW betas")
+    weight_decay: float = _spec(0.0, "AdamW weight decay", min=0.0)
+    warmup_steps: int = _spec(100, "linear warmup steps", min=0)
+    schedule: str = _spec("cosine", "learning-rate schedule after warmup", choices=("constant", "cosine"))
+    grad_clip: float = _spec(1.0, "max global grad norm (0 = off)", min=0.0)
+    ema_decay: float = _spec(0.999, "EMA decay of the weights used for evaluation", min=0.0, max=1.0)
+    ckpt_every: int = _spec(500, "steps between checkpoints", min=1, semantic=False)
+    log_every: int = _spec(50, "steps between curve points", min=1, semantic=False)
+    device: str = _spec("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"), semantic=False)
+    threads: int = _spec(0, "torch CPU threads (0 = torch default)", min=0, semantic=False)
+    progress: bool = _spec(True, "show a progress bar", semantic=False)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    num_samples: int = _spec(1000, "generated samples per evaluation point", min=2)
+    batch_size: int = _spec(500, "sampling batch size (samples do not depend on it)", min=1, semantic=False)
+    seed: int = _spec(2024, "evaluation seed (each sample's noise is seeded from it and its index)")
+    use_ema: bool = _spec(True, "sample from the EMA weights")
+    grid_per_class: int = _spec(8, "samples per class in the PNG grid", min=1)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = _spec(True, "mirror runs to MLflow", semantic=False)
+    uri: str = _spec("", "MLflow tracking URI ('' = sqlite store under results_dir)", semantic=False)
+    experiment: str = _spec("fewstep-bench", "MLflow experiment name", semantic=False)
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    name: str = _spec("inline", "where jobs run", choices=("inline",), semantic=False)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One point of a sweep, fully resolved; ``method`` stays a dict until the method's
+    own config class checks it."""
+
+    method: dict
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    eval: EvalConfig
+    tracking: TrackingConfig
+    launcher: LauncherConfig
+    seed: int = 0
+    nfe: int = 1
+    guidance: float = 1.0
+    results_dir: str = "results"
+
+
+_GROUPS = {
+    "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
+    "tracking": TrackingConfig, "launcher": LauncherConfig,
+}
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            list: "a list", dict: "a mapping"}.get(tp, str(tp))
+
+
+def coerce_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
+    """Check and convert one value; ``key`` is the dotted name shown in errors."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else coerce_value(key, value, inner[0], meta)
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        list: isinstance(value, (list, tuple)),
+        dict: isinstance(value, dict),
+    }.get(tp, True)
+    if tp is int and isinstance(value, float) and value.is_integer():
+        value, ok = int(value), True
+    if not ok:
+        raise UserError(f"{key}={value!r} is not {_type_name(tp)}; expected {_type_name(tp)}"
+                        + _fix_hint(key, meta))
+    value = float(value) if tp is float else value
+    value = list(value) if tp is list else value
+    if meta.get("choices") and value not in meta["choices"]:
+        raise UserError(f"{key}={value!r} is not allowed; expected one of: "
+                        f"{', '.join(map(str, meta['choices']))}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = " and ".join(b for b in (f">= {lo}" if lo is not None else "",
+                                          f"<= {hi}" if hi is not None else "") if b)
+        raise UserError(f"{key}={value!r} is out of range; expected a value {bounds}"
+                        + _fix_hint(key, meta))
+    return value
+
+
+def _fix_hint(key: str, meta: dict) -> str:
+    return f" ({meta['help']})" if meta.get("help") else ""
+
+
+def coerce_dataclass(cls: type, values: dict, prefix: str) -> Any:
+    """Build ``cls`` from ``values``, naming the first unknown key or bad value."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise UserError(f"unknown key '{where}{unknown[0]}'; expected one of: "
+                        f"{', '.join(where + k for k in fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = coerce_value(key, value, hints[name], dict(fields[name].metadata))
+    return cls(**kwargs)
+
+
+def build_run_config(raw: dict) -> RunConfig:
+    """Composed dict -> RunConfig (the method dict is checked by ``method_config``)."""
+    raw = dict(raw)
+    groups = {g: coerce_dataclass(cls, raw.pop(g, {}) or {}, g) for g, cls in _GROUPS.items()}
+    method = raw.pop("method")
+    top_fields = {"seed", "nfe", "guidance", "results_dir"}
+    unknown = sorted(set(raw) - top_fields)
+    if unknown:
+        raise UserError(f"unknown key '{unknown[0]}'; expected a config group "
+                        f"({', '.join(['method', *_GROUPS])}) or one of: {', '.join(sorted(top_fields))}")
+    top = coerce_dataclass(_TopLevel, raw, "")
+    return RunConfig(method=method, **groups, **dataclasses.asdict(top))
+
+
+@dataclass(frozen=True)
+class _TopLevel:
+    seed: int = _spec(0, "training seed")
+    nfe: int = _spec(1, "sampling steps (a comma list sweeps)", min=1)
+    guidance: float = _spec(1.0, "guidance scale omega (1 = none)", min=1.0)
+    results_dir: str = _spec("results", "where results live", semantic=False)
+
+
+def method_config(spec: Any, values: dict) -> Any:
+    """The method's own config dataclass from the composed ``method`` dict."""
+    values = {k: v for k, v in values.items() if k != "name"}
+    return coerce_dataclass(spec.Config, values, "method")
+
+
+def semantic_fields(obj: Any) -> dict:
+    """The fields of a group config that change results (drops device, logging, ...)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)
+            if f.metadata.get("semantic", True)}

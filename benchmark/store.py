@@ -1,0 +1,86 @@
+"""Results on disk: the record of truth.  Torch-free; every write is atomic.
+
+Layout under ``results_dir``::
+
+    runs/<train_key>/config.json        resolved training config and its identity
+    runs/<train_key>/state.pt           latest training state (resume by rerunning)
+    runs/<train_key>/final.pt           weights after the last step (written once)
+    runs/<train_key>/curve.csv          step, loss, lr, seconds
+    runs/<train_key>/evals/<eval_key>.json   one evaluation record
+    runs/<train_key>/samples/<eval_key>.png  its sample grid
+    mlflow.db, mlartifacts/             the MLflow mirror
+    cache/                              feature networks and reference statistics
+
+A failed run leaves no final.pt and no evaluation record, so it is never taken as cached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+class Store:
+    def __init__(self, results_dir: str | Path) -> None:
+        self.root = Path(results_dir)
+
+    def run_dir(self, train_key: str) -> Path:
+        return self.root / "runs" / train_key
+
+    def state_path(self, train_key: str) -> Path:
+        return self.run_dir(train_key) / "state.pt"
+
+    def final_path(self, train_key: str) -> Path:
+        return self.run_dir(train_key) / "final.pt"
+
+    def eval_path(self, train_key: str, eval_key: str) -> Path:
+        return self.run_dir(train_key) / "evals" / f"{eval_key}.json"
+
+    def grid_path(self, train_key: str, eval_key: str) -> Path:
+        return self.run_dir(train_key) / "samples" / f"{eval_key}.png"
+
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    def is_trained(self, train_key: str) -> bool:
+        return self.final_path(train_key).is_file()
+
+    def has_eval(self, train_key: str, eval_key: str) -> bool:
+        return self.eval_path(train_key, eval_key).is_file()
+
+    def read_eval(self, train_key: str, eval_key: str) -> dict:
+        return json.loads(self.eval_path(train_key, eval_key).read_text())
+
+    def write_eval(self, train_key: str, eval_key: str, record: dict) -> None:
+        atomic_write_json(self.eval_path(train_key, eval_key), record)
+
+    def write_config(self, train_key: str, config: dict) -> None:
+        atomic_write_json(self.run_dir(train_key) / "config.json", config)
+
+    def mlflow_uri(self) -> str:
+        return f"sqlite:///{(self.root / 'mlflow.db').resolve()}"
+
+    def mlflow_artifacts(self) -> Path:
+        return (self.root / "mlartifacts").resolve()

@@ -1,0 +1,138 @@
+"""MLflow mirror of the results on disk.
+
+One parent run per training key (parameters, training curve, tags to filter by method,
+model and data) and one nested run per evaluation (nfe, guidance, every metric, the
+sample grid as an artifact).  The disk records stay the record of truth: a tracking
+failure prints one warning and the benchmark goes on.  Which runs were mirrored is kept
+in ``runs/<train_key>/mlflow.json``, so a rerun never logs a run twice.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmark.schema import TrackingConfig
+from benchmark.store import Store, atomic_write_json
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+class Tracker:
+    def __init__(self, cfg: TrackingConfig, store: Store) -> None:
+        self.cfg, self.store = cfg, store
+        self.uri = cfg.uri or store.mlflow_uri()
+        self._client = None
+        self._experiment_id: str | None = None
+
+    # -- plumbing ------------------------------------------------------------------------
+    def _connect(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+            self._experiment_id = self._experiment()
+        return self._client
+
+    def _experiment(self) -> str:
+        from mlflow.exceptions import MlflowException
+
+        client = self._client
+        found = client.get_experiment_by_name(self.cfg.experiment)
+        if found is not None:
+            return found.experiment_id
+        try:
+            location = self.store.mlflow_artifacts().as_uri() if not self.cfg.uri else None
+            return client.create_experiment(self.cfg.experiment, artifact_location=location)
+        except MlflowException:  # another job created it first
+            return client.get_experiment_by_name(self.cfg.experiment).experiment_id
+
+    def _ledger_path(self, train_key: str) -> Path:
+        return self.store.run_dir(train_key) / "mlflow.json"
+
+    def _ledger(self, train_key: str) -> dict:
+        path = self._ledger_path(train_key)
+        return json.loads(path.read_text()) if path.is_file() else {"uri": self.uri, "evals": {}}
+
+    def _safely(self, what: str, fn, *args):
+        if not self.cfg.enabled:
+            return None
+        try:
+            return fn(*args)
+        except Exception as err:  # the disk record is the truth; tracking must not fail a run
+            print(f"warning: MLflow {what} failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                  f"results are on disk under {self.store.root}", file=sys.stderr)
+            return None
+
+    # -- public --------------------------------------------------------------------------
+    def log_training(self, job, curve: list, seconds: float | None) -> str | None:
+        return self._safely("logging of training", self._log_training, job, curve, seconds)
+
+    def log_evaluation(self, job, record: dict) -> str | None:
+        return self._safely("logging of evaluation", self._log_evaluation, job, record)
+
+    def _log_training(self, job, curve: list, seconds: float | None) -> str:
+        ledger = self._ledger(job.key)
+        if ledger.get("parent") and ledger.get("uri") == self.uri:
+            return ledger["parent"]
+        from mlflow.entities import Metric, Param, RunTag
+
+        client = self._connect()
+        cfg = job.config
+        tags = {"method": job.method_name, "model": cfg.model.name, "data": cfg.data.name,
+                "train_key": job.key, "seed": str(cfg.seed), "kind": "training"}
+        run = client.create_run(self._experiment_id, run_name=f"{job.method_name}-{cfg.model.name}-{job.key}",
+                                tags=tags)
+        params = [Param(k, str(v)[:500]) for k, v in flatten(job.identity).items()]
+        metrics = [Metric("train_loss", float(loss), 0, int(step)) for step, loss, _ in curve]
+        metrics += [Metric("lr", float(lr), 0, int(step)) for step, _, lr in curve]
+        if seconds is not None:
+            metrics.append(Metric("train_seconds", float(seconds), 0, cfg.train.steps))
+        for i in range(0, max(len(params), len(metrics)), 900):
+            client.log_batch(run.info.run_id, metrics=metrics[i:i + 900], params=params[i:i + 90],
+                             tags=[RunTag("train_steps", str(cfg.train.steps))] if i == 0 else [])
+        client.set_terminated(run.info.run_id)
+        ledger.update(uri=self.uri, parent=run.info.run_id)
+        atomic_write_json(self._ledger_path(job.key), ledger)
+        return run.info.run_id
+
+    def _log_evaluation(self, job, record: dict) -> str:
+        ledger = self._ledger(job.key)
+        if record["eval_key"] in ledger["evals"]:
+            return ledger["evals"][record["eval_key"]]
+        parent = ledger.get("parent") or self._log_training(job, [], None)
+        ledger = self._ledger(job.key)
+        from mlflow.entities import Metric, Param
+
+        client = self._connect()
+        tags = {"mlflow.parentRunId": parent, "method": record["method"], "model": record["model"],
+                "data": record["data"], "nfe": str(record["nfe"]), "guidance": str(record["guidance"]),
+                "train_key": record["train_key"], "eval_key": record["eval_key"], "kind": "evaluation"}
+        run = client.create_run(self._experiment_id,
+                                run_name=f"{record['method']}-nfe{record['nfe']}-w{record['guidance']:g}",
+                                tags=tags)
+        params = {"nfe": record["nfe"], "guidance": record["guidance"], "num_samples": record["num_samples"],
+                  **flatten(record["method_eval"], "method.")}
+        values = {**record["metrics"], "nfe_counted": record["nfe_counted"],
+                  "sec_per_sample": record["sec_per_sample"], "metric_seconds": record["metric_seconds"]}
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                         metrics=[Metric(k, float(v), 0, 0) for k, v in values.items()
+                                  if isinstance(v, (int, float))])
+        grid = self.store.grid_path(record["train_key"], record["eval_key"])
+        if grid.is_file():
+            client.log_artifact(run.info.run_id, str(grid), artifact_path="samples")
+        client.set_terminated(run.info.run_id)
+        ledger["evals"][record["eval_key"]] = run.info.run_id
+        atomic_write_json(self._ledger_path(job.key), ledger)
+        return run.info.run_id

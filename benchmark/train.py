@@ -1,0 +1,212 @@
+"""The training engine: one loop for every method.
+
+AdamW, linear warmup then constant or cosine learning rate, gradient clipping, EMA of the
+weights.  Every step is reseeded from (seed, rank, step), and the latest state is written
+atomically every ``ckpt_every`` steps, so a run stopped anywhere and started again with
+the same command follows the uninterrupted run's path exactly.  A NaN or inf loss stops
+the run with a message naming the step; nothing of a failed run is cached.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from benchmark.backbones import build_backbone
+from benchmark.data import Dataset, load_dataset
+from benchmark.plan import TrainingJob
+from benchmark.schema import RunConfig, TrainConfig, UserError, method_config
+from benchmark.store import Store, atomic_write_bytes
+from methods import get_method, get_spec
+from methods.base import Batch, Method
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the message names the step."""
+
+
+@dataclass
+class Trainee:
+    """Everything a training job builds: data, method, network and its EMA."""
+
+    dataset: Dataset
+    method: Method
+    net: nn.Module
+    ema: nn.Module
+    device: torch.device
+
+
+# ----------------------------------------------------------------------------------------
+# Construction
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA device is visible; expected train.device=cpu or auto")
+    return torch.device(name)
+
+
+def build_trainee(cfg: RunConfig, method_name: str, method_train: dict) -> Trainee:
+    """Dataset, method (with its training fields), backbone and EMA copy, on the device."""
+    device = resolve_device(cfg.train.device)
+    dataset = load_dataset(cfg.data.name, **cfg.data.options)
+    spec = get_spec(method_name)
+    mcfg = method_config(spec, {**cfg.method, **method_train})
+    method = get_method(method_name)(mcfg, dataset.num_classes).to(device)
+    torch.manual_seed(cfg.seed)  # initial weights depend on the seed only
+    net = build_backbone(cfg.model, shape=dataset.shape, num_classes=dataset.num_classes,
+                         slots=method.conditioning, options=method.backbone_options()).to(device)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    return Trainee(dataset, method, net, ema, device)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """A 63-bit seed for one training step, independent of anything but its arguments."""
+    digest = hashlib.sha256(f"train/{seed}/{rank}/{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def learning_rate(train: TrainConfig, step: int) -> float:
+    """Linear warmup to ``lr``, then constant or cosine decay to 0 at ``steps``."""
+    if step < train.warmup_steps:
+        return train.lr * (step + 1) / train.warmup_steps
+    if train.schedule == "constant":
+        return train.lr
+    progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
+    return train.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def draw_batch(dataset: Dataset, batch_size: int, generator: torch.Generator, device) -> Batch:
+    """``batch_size`` training examples drawn uniformly with replacement."""
+    idx = torch.randint(dataset.train_x.shape[0], (batch_size,), generator=generator)
+    return Batch(dataset.train_x[idx].to(device), dataset.train_y[idx].to(device))
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_state(path: Path, state: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_state(path: Path, device: torch.device) -> dict:
+    """Tensors and plain containers only (``weights_only=True``); a corrupt file is a clear error."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise UserError(f"checkpoint {path} is unreadable ({type(err).__name__}); expected a "
+                        f"state written by this suite: delete it to restart the run from step 0 "
+                        f"(or rerun with --force)") from None
+
+
+# ----------------------------------------------------------------------------------------
+# The loop
+
+
+def train(job: TrainingJob, store: Store, *, stop_after: int | None = None, rank: int = 0) -> Trainee:
+    """Train ``job`` to ``train.steps`` (or stop after step ``stop_after`` for tests),
+    resuming from the run folder's latest state.  Writes ``final.pt`` when done."""
+    cfg, tc = job.config, job.config.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    t = build_trainee(cfg, job.method_name, job.method_train)
+    params = list(t.net.parameters()) + list(t.method.parameters())
+    opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    start, curve, seconds, window = 0, [], 0.0, []
+    state_path = store.state_path(job.key)
+    if state_path.is_file():
+        state = load_state(state_path, t.device)
+        t.net.load_state_dict(state["net"])
+        t.ema.load_state_dict(state["ema"])
+        t.method.load_state_dict(state["method"])
+        opt.load_state_dict(state["opt"])
+        start, curve, seconds = state["step"], state["curve"], state["seconds"]
+        window = state["window"]  # losses since the last curve point
+
+    bar = _progress(tc, start, f"train {job.method_name} {job.key}")
+    tick = time.perf_counter()
+    for step in range(start, tc.steps):
+        loss = _train_step(t, opt, params, tc, cfg.seed, rank, step)
+        window.append(loss)
+        bar.update(1)
+        if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
+            curve.append([step + 1, sum(window) / len(window), learning_rate(tc, step)])
+            bar.set_postfix(loss=f"{curve[-1][1]:.4f}")
+            window = []
+        done = step + 1 == tc.steps or step + 1 == stop_after
+        if (step + 1) % tc.ckpt_every == 0 or done:
+            now = time.perf_counter()
+            seconds, tick = seconds + now - tick, now
+            save_state(state_path, {"net": t.net.state_dict(), "ema": t.ema.state_dict(),
+                                    "method": t.method.state_dict(), "opt": opt.state_dict(),
+                                    "step": step + 1, "curve": curve, "seconds": seconds,
+                                    "window": window})
+        if step + 1 == stop_after:
+            break
+    bar.close()
+    if start >= tc.steps or (stop_after is None or stop_after >= tc.steps):
+        _write_final(store, job, t, curve, seconds)
+    return t
+
+
+def _train_step(t: Trainee, opt, params, tc: TrainConfig, seed: int, rank: int, step: int) -> float:
+    s = step_seed(seed, rank, step)
+    data_gen = torch.Generator().manual_seed(s)
+    method_gen = torch.Generator(device=t.device).manual_seed(s ^ 0x5DEECE66D)
+    batch = draw_batch(t.dataset, tc.batch_size, data_gen, t.device)
+    t.net.train()
+    loss, _ = t.method.loss(t.net, batch, step=step, generator=method_gen, ema_net=t.ema)
+    value = loss.item()
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"training loss is {value} at step {step}; lower train.lr, keep "
+                               f"train.grad_clip > 0, or check the method's settings")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if tc.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+    for group in opt.param_groups:
+        group["lr"] = learning_rate(tc, step)
+    opt.step()
+    with torch.no_grad():
+        torch._foreach_lerp_(list(t.ema.parameters()), list(t.net.parameters()), 1 - tc.ema_decay)
+    return value
+
+
+def _progress(tc: TrainConfig, start: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=tc.steps, initial=start, desc=desc, disable=not tc.progress,
+                leave=False, dynamic_ncols=True, mininterval=1.0)
+
+
+def _write_final(store: Store, job: TrainingJob, t: Trainee, curve: list, seconds: float) -> None:
+    if store.is_trained(job.key):
+        return
+    lines = ["step,loss,lr"] + [f"{s},{loss:.6g},{lr:.6g}" for s, loss, lr in curve]
+    atomic_write_bytes(store.run_dir(job.key) / "curve.csv", ("\n".join(lines) + "\n").encode())
+    save_state(store.final_path(job.key), {"net": t.net.state_dict(), "ema": t.ema.state_dict(),
+                                           "method": t.method.state_dict(), "step": job.config.train.steps,
+                                           "seconds": seconds, "curve": curve})
+
+
+def load_trained(job: TrainingJob, store: Store) -> tuple[Trainee, dict]:
+    """The finished run's networks (weights from ``final.pt``) and its final state."""
+    t = build_trainee(job.config, job.method_name, job.method_train)
+    final = load_state(store.final_path(job.key), t.device)
+    t.net.load_state_dict(final["net"])
+    t.ema.load_state_dict(final["ema"])
+    t.method.load_state_dict(final["method"])
+    return t, final

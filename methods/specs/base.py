@@ -1,0 +1,113 @@
+"""Torch-free method declarations: what the planner needs to know about a method.
+
+Every method has a spec (this file's :class:`MethodSpec`) and an implementation
+(``methods/<name>.py``, which imports torch).  The spec says which config fields are
+training axes (one checkpoint each) and which are evaluation axes (reuse the checkpoint),
+how the top-level ``guidance`` axis reaches the method, which NFE values it can honour and
+how many backbone passes one sample costs.  The planner imports only specs, so a dry run
+of a large sweep never imports torch.
+
+Conventions (one for the whole suite, see DESIGN.md): ``t = 1`` is noise, ``t = 0`` data;
+``guidance = 1`` means no guidance; NFE is counted backbone passes per sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+Axis = Literal["train", "eval"]
+
+
+def train_field(default: Any, help: str) -> Any:
+    """A config field that changes the trained weights (part of the training key)."""
+    return field(default=default, metadata={"axis": "train", "help": help})
+
+
+def eval_field(default: Any, help: str) -> Any:
+    """A config field used only at sampling time (part of the evaluation key)."""
+    return field(default=default, metadata={"axis": "eval", "help": help})
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base class of every method's config; subclasses declare fields with
+    :func:`train_field` or :func:`eval_field`."""
+
+    @classmethod
+    def axis_of(cls, name: str) -> Axis:
+        for f in dataclasses.fields(cls):
+            if f.name == name:
+                return f.metadata["axis"]
+        raise KeyError(name)
+
+    @classmethod
+    def fields_on(cls, axis: Axis) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.metadata["axis"] == axis]
+
+    def split(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(training fields, evaluation fields) as plain dicts."""
+        values = dataclasses.asdict(self)
+        train = {k: values[k] for k in self.fields_on("train")}
+        evals = {k: values[k] for k in self.fields_on("eval")}
+        return train, evals
+
+
+class InvalidPoint(ValueError):
+    """An evaluation point a method cannot honour; the message names the allowed values."""
+
+
+GuidanceMode = Literal["eval_cfg", "eval_input", "train", "none"]
+
+
+class MethodSpec:
+    """Declarations of one method.  Subclasses set the class attributes and may override
+    the three hooks.
+
+    guidance:
+      - ``eval_cfg``: classic classifier-free guidance at sampling time; a guided step
+        costs two backbone passes (Flow Matching, Shortcut).
+      - ``eval_input``: guidance scale is a network input; no extra pass (iMF).
+      - ``train``: guidance is baked in at training time; the top-level ``guidance`` value
+        becomes the training field named by ``guidance_field`` (MeanFlow's omega).
+      - ``none``: the method has no guidance; only ``guidance = 1`` is legal (sCT).
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[int]
+    Config: ClassVar[type[MethodConfig]]
+    guidance: ClassVar[GuidanceMode] = "eval_cfg"
+    guidance_field: ClassVar[str | None] = None
+
+    def conditioning(self, cfg: MethodConfig) -> tuple[str, ...]:
+        """Scalar inputs the backbone must embed (subset of t, r, h, d, omega, t_min, t_max)."""
+        raise NotImplementedError
+
+    def allowed_nfe(self, cfg: MethodConfig) -> tuple[int, ...] | None:
+        """The NFE (steps) values this method can sample with; ``None`` means any NFE >= 1."""
+        return None
+
+    def nfe_cost(self, cfg: MethodConfig, nfe: int, guidance: float) -> int:
+        """Backbone passes per sample for ``nfe`` steps at this guidance scale."""
+        guided = self.guidance == "eval_cfg" and guidance != 1.0
+        return nfe * (2 if guided else 1)
+
+    def validate(self, cfg: MethodConfig, nfe: int, guidance: float) -> None:
+        """Raise :class:`InvalidPoint` for an evaluation point this method cannot honour."""
+        if not isinstance(nfe, int) or nfe < 1:
+            raise InvalidPoint(f"nfe={nfe!r} is not a positive integer; expected nfe >= 1")
+        allowed = self.allowed_nfe(cfg)
+        if allowed is not None and nfe not in allowed:
+            shown = ",".join(str(a) for a in allowed)
+            raise InvalidPoint(
+                f"{self.name} cannot sample with nfe={nfe}; allowed: nfe={shown}"
+            )
+        if guidance < 1.0 and self.guidance != "none":
+            raise InvalidPoint(
+                f"guidance={guidance} is below 1; expected guidance >= 1 (1 means no guidance)"
+            )
+        if self.guidance == "none" and guidance != 1.0:
+            raise InvalidPoint(
+                f"{self.name} has no classifier-free guidance; expected guidance=1, got {guidance}"
+            )
