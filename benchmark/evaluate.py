@@ -42,8 +42,8 @@ def _toy_metrics(gen: Generated, dataset: Dataset, cache_dir: Path, seed: int) -
 
 
 METRIC_SUITES: dict[str, Callable[[Generated, Dataset, Path, int], dict]] = {
-    "digits-cnn-fd-kid-v1": _digits_metrics,
-    "toy-swd-mmd-v1": _toy_metrics,
+    "digits": _digits_metrics,
+    "toy": _toy_metrics,
 }
 
 

@@ -113,7 +113,7 @@ def _plan_point(point: Point, plan: Plan, notified: set) -> tuple[TrainingJob, E
     eval_identity = {
         "train_key": train_key, "nfe": cfg.nfe, "guidance": eval_guidance,
         "method": eval_fields, "eval": semantic_fields(cfg.eval), "checkpoint": "final",
-        "metric": data.metric,
+        "metric": data.metric_id,
     }
     ev = EvalJob(short_hash(eval_identity), train_key, cfg.nfe,
                  spec.nfe_cost(mcfg, cfg.nfe, eval_guidance), guidance, eval_fields, eval_identity)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import sys
 import time
 
@@ -138,6 +139,8 @@ def _forget(store: Store, job: TrainingJob, evals: list[EvalJob]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `... --dry-run | head` ends quietly
     argv = sys.argv[1:] if argv is None else argv
     try:
         overrides, flags = parse_args(argv)

@@ -1,0 +1,59 @@
+"""Shortcut model declarations (torch-free).  Implementation: methods/shortcut.py.
+
+Defaults are the official kvfrans/shortcut-models ImageNet/CelebA settings (METHODS.md §2)
+except ``bootstrap_cfg_scale`` (1.0 = off; the official ImageNet run used 1.5) and the EMA
+rate of the bootstrap teacher, which the harness owns (METHODS.md §10: 0.999 lags in short
+runs; a toy run wants ~0.99).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from methods.specs.base import MethodConfig, MethodSpec, train_field
+
+
+def num_levels(denoise_timesteps: int) -> int:
+    """log2(M) for a power of two M >= 2: the levels are k = 0..log2(M), d = 2^-k."""
+    m = denoise_timesteps
+    if not isinstance(m, int) or m < 2 or m & (m - 1):
+        raise ValueError(
+            f"method.denoise_timesteps={m!r} is not a power of two >= 2; "
+            "expected e.g. 8, 16 or 128 (the official value)"
+        )
+    return m.bit_length() - 1
+
+
+@dataclass(frozen=True)
+class ShortcutConfig(MethodConfig):
+    denoise_timesteps: int = train_field(128, "M: finest step 1/M is the flow-matching level; NFE must be a power of two <= M")
+    bootstrap_every: int = train_field(8, "the first B // bootstrap_every samples of a batch get self-consistency targets")
+    bootstrap_ema: bool = train_field(True, "self-consistency targets from the EMA net (official); False: the online net")
+    bootstrap_clip: float = train_field(4.0, "clip of the bootstrap midpoint and target to +-clip (tuned for SD-VAE latents)")
+    bootstrap_cfg_scale: float = train_field(1.0, "CFG scale baked into the smallest self-consistency level; 1 = off (official ImageNet 1.5)")
+    label_dropout: float = train_field(0.1, "per-sample null-label probability on the flow-matching part only")
+    eps_min: float = train_field(1e-5, "x_t = (1 - (1 - eps_min) t) noise + t data, FM target data - (1 - eps_min) noise")
+
+    def __post_init__(self) -> None:
+        num_levels(self.denoise_timesteps)
+        if not isinstance(self.bootstrap_every, int) or self.bootstrap_every < 1:
+            raise ValueError(
+                f"method.bootstrap_every={self.bootstrap_every!r} must be an integer >= 1 (official 8)"
+            )
+        if not self.bootstrap_clip > 0:
+            raise ValueError(f"method.bootstrap_clip={self.bootstrap_clip} must be > 0 (official 4)")
+
+
+class ShortcutSpec(MethodSpec):
+    name = "shortcut"
+    version = 1
+    Config = ShortcutConfig
+    guidance = "eval_cfg"
+
+    def conditioning(self, cfg: MethodConfig) -> tuple[str, ...]:
+        # "t": native time (t = 0 noise), raw; "d": the integer level k = log2(1/d), raw.
+        return ("t", "d")
+
+    def allowed_nfe(self, cfg: MethodConfig) -> tuple[int, ...]:
+        """Powers of two up to M: one step of size d = 1/N needs the trained level log2(N)."""
+        return tuple(2**k for k in range(num_levels(cfg.denoise_timesteps) + 1))
