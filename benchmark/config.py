@@ -99,10 +99,9 @@ def method_yaml(name: str) -> str:
     """The ``configs/method/<name>.yaml`` text for a method: every field of its config
     dataclass with its default, axis and help (a test keeps the files in sync)."""
     import dataclasses
+    import sys
 
     from methods.specs import get_spec
-
-    import sys
 
     spec = get_spec(name)
     doc = sys.modules[spec.__class__.__module__].__doc__ or name

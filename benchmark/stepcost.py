@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = {m: max(v) for m, v in peaks.items()}
     print(f"step cost on {args.device}, model {args.model} ({params / 1e6:.2f}M params), batch {args.batch}, "
           f"{args.rounds} rounds x {args.steps} steps, medians")
-    print(f"| method | ms/step | time ratio | target | peak MiB | memory ratio |")
+    print("| method | ms/step | time ratio | target | peak MiB | memory ratio |")
     print("|---|---|---|---|---|---|")
     for m in methods:
         ratio = median[m] / median["fm"] if "fm" in median else float("nan")
