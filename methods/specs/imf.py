@@ -1,0 +1,93 @@
+"""Improved MeanFlow (iMF) declarations (torch-free).  Implementation: methods/imf.py.
+
+Defaults follow the official Lyy-iiis/imeanflow training code (METHODS.md §5): (t, r)
+logit-normal(-0.4, 1.0), sorted, r = t for the first 50%; omega log-uniform on [1, 8]; CFG
+interval t_min ~ U[0, 0.5], t_max ~ U[0.5, 1] ([0, 1] where r = t); adaptive weight
+p = 1, c = 0.01; label drop 0.1 on the first samples; unconditional v at omega = 1.
+
+One default differs from the released code and is switchable:
+``v_head="boundary"``: v(z, t) := u(z, t, t), the u-net at h = 0, instead of the released
+auxiliary v-head (``v_head="aux"``; ``aux_depth=8`` is the B/2 layout).  The boundary form
+keeps every method on the same backbone with the same parameters (the suite's fairness
+rule), builds on every backbone (the toy MLP has 4 layers) and keeps a training step near
+2.2x a Flow Matching step (methods/imf.py), while the aux head adds ``aux_depth`` blocks to
+every pass (8 of 12 for B/2) and parameters the other methods do not get.
+As in the official imfDiT the network has no t input (noise-conditioning-free);
+``time_input=True`` adds one for toy data, where z alone does not reveal the noise level.
+
+Guidance scale omega and interval are evaluation axes that cost no extra pass: the network
+takes them as inputs, and sampling costs one pass per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from methods.specs.base import InvalidPoint, MethodConfig, MethodSpec, eval_field, train_field
+from methods.specs.meanflow import SELECTIONS, check_choice, check_unit
+
+V_HEADS = ("boundary", "aux")
+UNCOND_OMEGAS = ("one", "omega")
+CONDITIONING_MODES = ("in_context", "adaln")
+
+
+@dataclass(frozen=True)
+class ImprovedMeanFlowConfig(MethodConfig):
+    time_mean: float = train_field(-0.4, "logit-normal mean of t and r")
+    time_std: float = train_field(1.0, "logit-normal std of t and r")
+    ratio_r_neq_t: float = train_field(0.5, "fraction of the batch with r != t (official 0.5)")
+    r_neq_t_selection: str = train_field("first", "first: r = t for the first (1 - ratio) of the batch (official); random: per-sample mask")
+    omega_max: float = train_field(8.0, "omega drawn on [1, omega_max] (official s_max = 7, so 8)")
+    omega_beta: float = train_field(1.0, "omega density ~ omega^-beta; 1 = log-uniform (official)")
+    interval_split: float = train_field(0.5, "t_min ~ U[0, split], t_max ~ U[split, 1] (official 0.5)")
+    uncond_omega: str = train_field("one", "one: v_u at omega = 1 (official code); omega: at the sampled omega (paper Algorithm 2, issue #8)")
+    v_head: str = train_field("boundary", "boundary: v = u(z, h = 0) (paper; same backbone as other methods); aux: auxiliary v-head (released code)")
+    aux_depth: int = train_field(8, "blocks duplicated into the aux v-head when v_head=aux (official 8); must be < model depth")
+    conditioning_mode: str = train_field("in_context", "in_context prefix tokens (official imfDiT) or adaln; the MLP ignores it")
+    time_input: bool = train_field(False, "also feed t (slot 't'); official: False (h only). Toys need True: 1-D/2-D z does not reveal t")
+    label_dropout: float = train_field(0.1, "null-label probability per sample (CFG training)")
+    label_drop_position: str = train_field("first", "first: the first Binomial(B, p) samples (official, all in the r = t block); random: independent positions")
+    adaptive_p: float = train_field(1.0, "adaptive-weight power p (official 1.0; toys 0)")
+    adaptive_c: float = train_field(0.01, "adaptive-weight offset c (official 0.01); per-sample SUM over dims")
+    interval_min: float = eval_field(0.0, "guidance interval start fed to the network at sampling (B/2 1-NFE: 0.40)")
+    interval_max: float = eval_field(1.0, "guidance interval end fed to the network at sampling (B/2 1-NFE: 0.65)")
+
+    def __post_init__(self) -> None:
+        check_choice("r_neq_t_selection", self.r_neq_t_selection, SELECTIONS)
+        check_choice("label_drop_position", self.label_drop_position, SELECTIONS)
+        check_choice("uncond_omega", self.uncond_omega, UNCOND_OMEGAS)
+        check_choice("v_head", self.v_head, V_HEADS)
+        check_choice("conditioning_mode", self.conditioning_mode, CONDITIONING_MODES)
+        check_unit("ratio_r_neq_t", self.ratio_r_neq_t)
+        check_unit("label_dropout", self.label_dropout)
+        check_unit("interval_split", self.interval_split)
+        if self.omega_max < 1:
+            raise ValueError(f"method.omega_max={self.omega_max} is below 1; expected >= 1 (8 official)")
+        if self.v_head == "aux" and (not isinstance(self.aux_depth, int) or self.aux_depth < 1):
+            raise ValueError(
+                f"method.aux_depth={self.aux_depth!r} with v_head=aux; expected an integer >= 1 "
+                "below the model depth (official 8), or v_head=boundary"
+            )
+
+
+class ImprovedMeanFlowSpec(MethodSpec):
+    name = "imf"
+    version = 1
+    Config = ImprovedMeanFlowConfig
+    guidance = "eval_input"
+
+    def conditioning(self, cfg: MethodConfig) -> tuple[str, ...]:
+        slots = ("h", "omega", "t_min", "t_max")
+        return ("t", *slots) if cfg.time_input else slots
+
+    def nfe_cost(self, cfg: MethodConfig, nfe: int, guidance: float) -> int:
+        return nfe  # omega and the interval are network inputs: one pass per step
+
+    def validate(self, cfg: MethodConfig, nfe: int, guidance: float) -> None:
+        super().validate(cfg, nfe, guidance)
+        lo, hi = cfg.interval_min, cfg.interval_max
+        if not 0 <= lo <= hi <= 1:
+            raise InvalidPoint(
+                f"imf guidance interval [{lo}, {hi}] is not an interval in [0, 1]; expected "
+                "0 <= method.interval_min <= method.interval_max <= 1"
+            )
