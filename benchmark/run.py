@@ -34,6 +34,7 @@ def help_text() -> str:
               "  tracking.enabled=false   do not mirror to MLflow", "",
               "flags:", "  --dry-run  print the resolved plan (cached or missing per row) and exit",
               "  --force    recompute the requested points even if cached",
+              "  --collect  gather and print whatever has finished, launching nothing",
               "", f"configs: {CONFIG_DIR}",
               "example: python -m benchmark.run method=fm nfe=1,2,4,8"]
     return "\n".join(lines)
@@ -41,9 +42,9 @@ def help_text() -> str:
 
 def parse_args(argv: list[str]) -> tuple[list[str], set[str]]:
     flags = {a for a in argv if a.startswith("--")}
-    unknown = flags - {"--dry-run", "--force", "--help", "-h"}
+    unknown = flags - {"--dry-run", "--force", "--collect", "--help", "-h"}
     if unknown:
-        raise UserError(f"unknown flag {sorted(unknown)[0]}; expected --dry-run, --force or --help")
+        raise UserError(f"unknown flag {sorted(unknown)[0]}; expected --dry-run, --force, --collect or --help")
     return [a for a in argv if not a.startswith("-")], flags | ({"--help"} if "-h" in argv else set())
 
 
@@ -98,32 +99,43 @@ def _fmt(v) -> str:
 # Executing
 
 
-def execute(plan: Plan, store: Store, force: bool = False) -> list[dict]:
-    """Train what is missing, evaluate what is missing, mirror to MLflow; return records."""
-    from benchmark.evaluate import evaluate
-    from benchmark.tracking import Tracker
-    from benchmark.train import load_trained, train
+def execute(plan: Plan, store: Store, force: bool = False) -> tuple[list[dict], int]:
+    """Train and evaluate what is missing through the launcher, then mirror every record
+    to MLflow from this process.  Returns the records that exist and the failure count."""
+    from benchmark.launch import launch
 
-    records: dict[str, dict] = {}
-    by_train = {job.key: job for job in plan.trainings}
+    if force:
+        for job in plan.trainings:
+            _forget(store, job, [ev for ev in plan.evaluations if ev.train_key == job.key])
     for job in plan.trainings:
-        tracker = Tracker(job.config.tracking, store)
-        evals = [ev for ev in plan.evaluations if ev.train_key == job.key]
-        if force:
-            _forget(store, job, evals)
         if not store.is_trained(job.key):
-            store.write_config(job.key, {"identity": job.identity, "overrides": "see identity"})
-            train(job, store)
-        missing = [ev for ev in evals if not store.has_eval(ev.train_key, ev.key)]
-        if missing:
-            trainee, final = load_trained(job, store)
-            tracker.log_training(job, final.get("curve", []), final.get("seconds"))
-            for ev in missing:
-                record = evaluate(job, ev, trainee, store, final)
-                tracker.log_evaluation(by_train[ev.train_key], record)
-        for ev in evals:
-            records[ev.key] = store.read_eval(ev.train_key, ev.key)
-    return [records[ev.key] for ev in plan.evaluations]
+            store.write_config(job.key, {"identity": job.identity})
+    failed = launch(plan.trainings, plan.evaluations, store, plan.trainings[0].config.launcher)
+    records = collect(plan, store)
+    mirror(plan, store)
+    return records, len(failed)
+
+
+def collect(plan: Plan, store: Store) -> list[dict]:
+    """The records of the plan's evaluation points that exist on disk, in plan order."""
+    return [store.read_eval(ev.train_key, ev.key) for ev in plan.evaluations
+            if store.has_eval(ev.train_key, ev.key)]
+
+
+def mirror(plan: Plan, store: Store) -> None:
+    """Mirror finished trainings and evaluations to MLflow (idempotent; never fatal)."""
+    from benchmark.tracking import Tracker
+
+    by_key = {job.key: job for job in plan.trainings}
+    for job in plan.trainings:
+        if not (job.config.tracking.enabled and store.is_trained(job.key)):
+            continue
+        tracker = Tracker(job.config.tracking, store)
+        summary = store.read_final_summary(job.key)
+        tracker.log_training(job, summary["curve"], summary["seconds"])
+        for ev in plan.evaluations:
+            if ev.train_key == job.key and store.has_eval(ev.train_key, ev.key):
+                tracker.log_evaluation(by_key[ev.train_key], store.read_eval(ev.train_key, ev.key))
 
 
 def _forget(store: Store, job: TrainingJob, evals: list[EvalJob]) -> None:
@@ -157,10 +169,23 @@ def main(argv: list[str] | None = None) -> int:
         if "--dry-run" in flags:
             print_plan(plan, store)
             return 0
+        if "--collect" in flags:
+            records = collect(plan, store)
+            mirror(plan, store)
+            missing = len(plan.evaluations) - len(records)
+            if records:
+                print(format_table(records))
+            print(f"collected {len(records)} of {len(plan.evaluations)} evaluation(s); {missing} missing")
+            return 0
         start = time.perf_counter()
-        records = execute(plan, store, force="--force" in flags)
-        print(format_table(records))
+        records, failures = execute(plan, store, force="--force" in flags)
+        if records:
+            print(format_table(records))
         print(f"done in {time.perf_counter() - start:.1f} s; records under {store.root}/runs")
+        if failures:
+            print(f"error: {failures} job(s) failed (listed above); nothing of them was cached: "
+                  f"rerun the same command to retry", file=sys.stderr)
+            return 1
         return 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -79,6 +79,14 @@ class Store:
     def write_config(self, train_key: str, config: dict) -> None:
         atomic_write_json(self.run_dir(train_key) / "config.json", config)
 
+    def write_final_summary(self, train_key: str, summary: dict) -> None:
+        atomic_write_json(self.run_dir(train_key) / "summary.json", summary)
+
+    def read_final_summary(self, train_key: str) -> dict:
+        """Training curve and seconds of a finished run (torch-free; written with final.pt)."""
+        path = self.run_dir(train_key) / "summary.json"
+        return json.loads(path.read_text()) if path.is_file() else {"curve": [], "seconds": None}
+
     def mlflow_uri(self) -> str:
         return f"sqlite:///{(self.root / 'mlflow.db').resolve()}"
 

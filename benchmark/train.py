@@ -9,11 +9,15 @@ the run with a message naming the step; nothing of a failed run is cached.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import hashlib
 import io
 import math
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,9 +120,32 @@ def load_state(path: Path, device: torch.device) -> dict:
 # The loop
 
 
-def train(job: TrainingJob, store: Store, *, stop_after: int | None = None, rank: int = 0) -> Trainee:
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Exclusive lock on a run folder: a second process training the same key (a rerun
+    while an orphaned job still runs, a requeued SLURM job) waits instead of racing."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process training {run_dir.name}", file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def train(job: TrainingJob, store: Store, *, stop_after: int | None = None, rank: int = 0) -> None:
     """Train ``job`` to ``train.steps`` (or stop after step ``stop_after`` for tests),
     resuming from the run folder's latest state.  Writes ``final.pt`` when done."""
+    with run_lock(store.run_dir(job.key)):
+        if not store.is_trained(job.key):
+            _train_locked(job, store, stop_after, rank)
+
+
+def _train_locked(job: TrainingJob, store: Store, stop_after: int | None, rank: int) -> None:
     cfg, tc = job.config, job.config.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -135,6 +162,7 @@ def train(job: TrainingJob, store: Store, *, stop_after: int | None = None, rank
         opt.load_state_dict(state["opt"])
         start, curve, seconds = state["step"], state["curve"], state["seconds"]
         window = state["window"]  # losses since the last curve point
+        print(f"resuming {job.key} from step {start}", file=sys.stderr, flush=True)
 
     bar = _progress(tc, start, f"train {job.method_name} {job.key}")
     tick = time.perf_counter()
@@ -159,7 +187,6 @@ def train(job: TrainingJob, store: Store, *, stop_after: int | None = None, rank
     bar.close()
     if start >= tc.steps or (stop_after is None or stop_after >= tc.steps):
         _write_final(store, job, t, curve, seconds)
-    return t
 
 
 def _train_step(t: Trainee, opt, params, tc: TrainConfig, seed: int, rank: int, step: int) -> float:
@@ -197,6 +224,7 @@ def _write_final(store: Store, job: TrainingJob, t: Trainee, curve: list, second
         return
     lines = ["step,loss,lr"] + [f"{s},{loss:.6g},{lr:.6g}" for s, loss, lr in curve]
     atomic_write_bytes(store.run_dir(job.key) / "curve.csv", ("\n".join(lines) + "\n").encode())
+    store.write_final_summary(job.key, {"curve": curve, "seconds": seconds, "steps": job.config.train.steps})
     save_state(store.final_path(job.key), {"net": t.net.state_dict(), "ema": t.ema.state_dict(),
                                            "method": t.method.state_dict(), "step": job.config.train.steps,
                                            "seconds": seconds, "curve": curve})

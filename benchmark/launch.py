@@ -1,0 +1,198 @@
+"""Launchers: run training and evaluation tasks in this process, as local processes, or
+on SLURM, all through one interface (submitit for the last two).
+
+A sweep runs in two phases: every missing training, then one evaluation task per trained
+run for its missing points, so an evaluation never starts before its checkpoint exists.
+Tasks write only their own results (atomically) and never talk to MLflow: the driver
+mirrors the records afterwards, so parallel jobs cannot race on the tracking store.  A
+training task is ``Checkpointable``: on a time limit or preemption SLURM requeues it and
+it resumes from the run's latest state.  A failed or cancelled task caches nothing; the
+command reports it and a rerun retries it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmark.plan import EvalJob, TrainingJob
+from benchmark.schema import LauncherConfig
+from benchmark.store import Store
+
+try:  # submitit is a dependency; the import is here so Checkpointable can be the base
+    from submitit.helpers import Checkpointable
+except ImportError:  # pragma: no cover
+    Checkpointable = object  # type: ignore[misc,assignment]
+
+
+# ----------------------------------------------------------------------------------------
+# Tasks (picklable callables run wherever the launcher puts them)
+
+
+def _set_threads(threads: int) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+class TrainTask(Checkpointable):
+    """Train one run to its final checkpoint (resuming from its latest state)."""
+
+    def __init__(self, job: TrainingJob, results_dir: str, threads: int = 0) -> None:
+        self.job, self.results_dir, self.threads = job, results_dir, threads
+
+    def __call__(self) -> str:
+        from benchmark.train import train
+
+        _set_threads(self.threads)
+        train(self.job, Store(self.results_dir))
+        return self.job.key
+
+
+@dataclass
+class EvalTask:
+    """Evaluate one trained run at its missing evaluation points."""
+
+    job: TrainingJob
+    evals: list[EvalJob]
+    results_dir: str
+    threads: int = 0
+
+    def __call__(self) -> list[str]:
+        from benchmark.evaluate import evaluate
+        from benchmark.train import load_trained
+
+        _set_threads(self.threads)
+        store = Store(self.results_dir)
+        missing = [ev for ev in self.evals if not store.has_eval(ev.train_key, ev.key)]
+        if missing:
+            trainee, final = load_trained(self.job, store)
+            for ev in missing:
+                evaluate(self.job, ev, trainee, store, final)
+        return [ev.key for ev in self.evals]
+
+
+@dataclass
+class Outcome:
+    name: str
+    ok: bool
+    error: str = ""
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers
+
+
+def run_inline(tasks: list[tuple[str, Callable]], cfg: LauncherConfig, folder: Path) -> list[Outcome]:
+    """One after another in this process; an error propagates as it would without a launcher."""
+    outcomes = []
+    for name, task in tasks:
+        task()
+        outcomes.append(Outcome(name, True))
+    return outcomes
+
+
+def _executor(cfg: LauncherConfig, folder: Path):
+    import submitit
+
+    if cfg.name == "local":
+        executor = submitit.LocalExecutor(folder=str(folder))
+        # explicit timeout: the local executor's default kills a job after 2 minutes
+        executor.update_parameters(timeout_min=cfg.timeout_min, gpus_per_node=cfg.gpus_per_node)
+        return executor
+    executor = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=cfg.max_requeues)
+    params: dict[str, Any] = {"time": cfg.timeout_min, "cpus_per_task": cfg.cpus_per_task,
+                              "array_parallelism": cfg.max_parallel, "signal_delay_s": 30}
+    if cfg.partition:
+        params["partition"] = cfg.partition
+    if cfg.gpus_per_node:
+        params["gpus_per_node"] = cfg.gpus_per_node
+    if cfg.mem_gb:
+        params["mem"] = f"{cfg.mem_gb}GB"
+    if cfg.additional:
+        params["additional_parameters"] = dict(cfg.additional)
+    executor.update_parameters(**params)
+    return executor
+
+
+def run_submitit(tasks: list[tuple[str, Callable]], cfg: LauncherConfig, folder: Path) -> list[Outcome]:
+    """Submit every task; local jobs are kept to ``max_parallel`` at once, SLURM jobs go
+    in one array (the scheduler enforces the parallelism)."""
+    executor = _executor(cfg, folder)
+    pending = list(tasks)
+    running: list[tuple[str, Any]] = []
+    outcomes: dict[str, Outcome] = {}
+    limit = cfg.max_parallel if cfg.name == "local" else len(tasks)
+    print(f"launcher={cfg.name}: {len(tasks)} job(s), logs in {folder}", flush=True)
+    while pending or running:
+        if pending and len(running) < limit:
+            batch, pending = pending[:limit - len(running)], pending[limit - len(running):]
+            with executor.batch():
+                submitted = [(name, executor.submit(task)) for name, task in batch]
+            for name, job in submitted:
+                print(f"  submitted {name} as job {job.job_id}", flush=True)
+            running += submitted
+            continue
+        still = []
+        for name, job in running:
+            if job.done():
+                outcomes[name] = _outcome(name, job)
+            else:
+                still.append((name, job))
+        running = still
+        if running:
+            time.sleep(1.0)
+    return [outcomes[name] for name, _ in tasks]
+
+
+def _outcome(name: str, job) -> Outcome:
+    try:
+        job.result()
+        return Outcome(name, True)
+    except Exception as err:  # FailedJobError (raised inside), UncompletedJobError (cancelled, killed)
+        first = str(err).strip().splitlines()
+        tail = [ln for ln in first if ln.strip()][-1:] if first else [type(err).__name__]
+        state = getattr(job, "state", "?")
+        return Outcome(name, False, f"job {job.job_id} ({state}): {tail[0][:300]}")
+
+
+LAUNCHERS = {"inline": run_inline, "local": run_submitit, "slurm": run_submitit}
+
+
+# ----------------------------------------------------------------------------------------
+# The two phases
+
+
+def job_threads(cfg: LauncherConfig) -> int:
+    if cfg.threads or cfg.name != "local":
+        return cfg.threads
+    return max(1, (os.cpu_count() or 1) // cfg.max_parallel)
+
+
+def launch(trainings: list[TrainingJob], evaluations: list[EvalJob], store: Store,
+           cfg: LauncherConfig) -> list[Outcome]:
+    """Phase 1: train what is missing.  Phase 2: evaluate what is missing.  Returns the
+    failed outcomes (empty when everything finished)."""
+    folder = Path(cfg.folder) if cfg.folder else store.root / "submitit"
+    runner, threads = LAUNCHERS[cfg.name], job_threads(cfg)
+    failed: list[Outcome] = []
+    train_tasks = [(f"train {j.method_name} {j.key}", TrainTask(j, str(store.root), threads))
+                   for j in trainings if not store.is_trained(j.key)]
+    if train_tasks:
+        failed += [o for o in runner(train_tasks, cfg, folder) if not o.ok]
+    eval_tasks = []
+    for job in trainings:
+        evals = [ev for ev in evaluations if ev.train_key == job.key]
+        if store.is_trained(job.key) and any(not store.has_eval(ev.train_key, ev.key) for ev in evals):
+            eval_tasks.append((f"eval {job.method_name} {job.key}", EvalTask(job, evals, str(store.root), threads)))
+    if eval_tasks:
+        failed += [o for o in runner(eval_tasks, cfg, folder) if not o.ok]
+    for o in failed:
+        print(f"failed: {o.name}: {o.error}", file=sys.stderr)
+    return failed
