@@ -78,7 +78,18 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class LauncherConfig:
-    name: str = _spec("inline", "where jobs run", choices=("inline",), semantic=False)
+    name: str = _spec("inline", "where jobs run", choices=("inline", "local", "slurm"), semantic=False)
+    max_parallel: int = _spec(2, "local: jobs running at once; slurm: array parallelism", min=1, semantic=False)
+    timeout_min: int = _spec(60, "per-job time limit in minutes (training requeues from its checkpoint)",
+                             min=1, semantic=False)
+    threads: int = _spec(0, "torch threads per local job (0 = cores / max_parallel)", min=0, semantic=False)
+    partition: str = _spec("", "slurm partition ('' = the cluster's default)", semantic=False)
+    gpus_per_node: int = _spec(0, "GPUs per job", min=0, semantic=False)
+    cpus_per_task: int = _spec(1, "CPUs per job", min=1, semantic=False)
+    mem_gb: int = _spec(0, "memory per job in GB (0 = the cluster's default)", min=0, semantic=False)
+    max_requeues: int = _spec(3, "slurm: requeues after a time limit or preemption", min=0, semantic=False)
+    additional: dict = _spec({}, "extra sbatch options, e.g. {account: x, qos: y}", semantic=False)
+    folder: str = _spec("", "submitit logs and pickles ('' = <results_dir>/submitit)", semantic=False)
 
 
 @dataclass(frozen=True)
