@@ -7,13 +7,17 @@ transformer blocks, final layer, unpatchify) with three changes the benchmark ne
   may be several of them (``slots``: t, r, h, d, omega, t_min, t_max);
 - ``conditioning_mode="in_context"`` replaces adaLN by iMF-style prefix tokens;
 - attention is an explicit softmax by default, because the fused CPU/GPU SDPA kernels
-  have no forward-mode AD and MeanFlow/iMF/sCM differentiate the net with
-  ``torch.func.jvp`` (METHODS.md §6.1).
+  have no forward-mode AD for ``torch.func.jvp`` (METHODS.md §6.1);
+- ``DiT.jvp`` is a hand-written forward-mode pass (``benchmark/backbones/tangent.py``)
+  that MeanFlow/iMF/sCM use through ``methods.jvp.backbone_jvp``: the primal is the
+  ``forward`` output on the autograd graph, the tangent is computed beside it layer by
+  layer without autograd, reusing the primal's softmax weights, norms and activations.
 
 Calling convention (methods/base.py)::
 
     out = net(x, cond, y)                        # x, out: (B, C, H, W)
     out, aux = net(x, cond, y, return_aux=True)  # nets built with aux_depth > 0
+    out, d_out = net.jvp(x, cond, y, x_tangent, cond_tangents)  # forward-mode pass
 
 Both heads output zero at initialisation (adaLN-Zero, or zero gates and a zero final
 linear), so every method starts from the prediction 0.
@@ -30,6 +34,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmark.backbones.embed import ConditionEmbedder, ScalarEmbedder, sinusoidal
+from benchmark.backbones.tangent import (
+    layer_norm_with_tangent,
+    layer_with_tangent,
+    modulation_tangent,
+    scalar_embedder_with_tangent,
+    sequential_with_tangent,
+    softmax_tangent,
+)
 
 BACKBONE_VERSION = 1
 """Bump whenever the architecture math changes: it salts the result-cache keys."""
@@ -83,6 +95,29 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
+def modulate_with_tangent(
+    x: Tensor, dx: Tensor, shift: Tensor, d_shift: Tensor, scale: Tensor, d_scale: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(modulate(x, shift, scale), its tangent); x, dx (B, N, D), the rest (B, D)."""
+    out = modulate(x, shift, scale)
+    with torch.no_grad():
+        d_out = modulation_tangent(x, dx, 1 + scale[:, None], d_scale[:, None], d_shift[:, None])
+    return out, d_out
+
+
+def gated_residual_with_tangent(
+    h: Tensor, dh: Tensor, gate: Tensor, d_gate: Tensor | None, branch: Tensor, d_branch: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(h + gate * branch, its tangent); h, branch (B, N, D), gate broadcasts against them
+    ((B, 1, D) from adaLN, or a (D,) parameter whose tangent ``d_gate`` is None)."""
+    out = h + gate * branch
+    with torch.no_grad():
+        d_out = torch.addcmul(dh, gate, d_branch)
+        if d_gate is not None:
+            d_out.addcmul_(d_gate, branch)
+    return out, d_out
+
+
 # ----------------------------------------------------------------------------------------
 # Layers
 
@@ -96,8 +131,22 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def _normalize(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (..., D) -> (x / rms(x) (..., D), 1 / rms(x) (..., 1))."""
+        inv_rms = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x * inv_rms, inv_rms
+
     def forward(self, x: Tensor) -> Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return self._normalize(x)[0] * self.weight
+
+    def forward_with_tangent(self, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+        """(forward(x), tangent); with n = x r, r = 1 / rms(x): dn = r (dx - n mean(n dx))."""
+        normed, inv_rms = self._normalize(x)
+        out = normed * self.weight
+        with torch.no_grad():
+            mean_ndx = (normed * dx).mean(-1, keepdim=True)
+            d_out = torch.addcmul(dx, normed, mean_ndx, value=-1).mul_(inv_rms).mul_(self.weight)
+        return out, d_out
 
 
 class Attention(nn.Module):
@@ -105,7 +154,8 @@ class Attention(nn.Module):
 
     ``kind="math"`` is softmax(q k^T / sqrt(d)) v written out, which supports
     ``torch.func.jvp``; ``kind="sdpa"`` uses ``F.scaled_dot_product_attention``, faster
-    but its fused kernels have no forward AD (use it only for nets never JVP-ed)."""
+    but its fused kernels have no forward AD, so only the hand-written
+    ``forward_with_tangent`` differentiates it (it recomputes the softmax weights)."""
 
     def __init__(self, hidden: int, heads: int, kind: str = "math") -> None:
         super().__init__()
@@ -114,15 +164,50 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
 
+    def split_heads(self, qkv: Tensor) -> Tensor:
+        """(B, N, 3 D) -> stacked q, k, v (3, B, heads, N, D / heads), contiguous: one
+        copy here instead of one per batched matmul that reads q, k or v."""
+        B, N, D3 = qkv.shape
+        qkv = qkv.reshape(B, N, 3, self.heads, D3 // (3 * self.heads))
+        return qkv.permute(2, 0, 3, 1, 4).contiguous()
+
+    @staticmethod
+    def merge_heads(out: Tensor) -> Tensor:
+        """(B, heads, N, d) -> (B, N, heads * d)."""
+        B, H, N, d = out.shape
+        return out.transpose(1, 2).reshape(B, N, H * d)
+
+    @staticmethod
+    def softmax_weights(q: Tensor, k: Tensor) -> Tensor:
+        """softmax(q k^T / sqrt(d)) over keys: (B, heads, N, N)."""
+        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+
     def forward(self, x: Tensor) -> Tensor:
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.split_heads(self.qkv(x))
         if self.kind == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v)
         else:
-            weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
-            out = weights @ v
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+            out = self.softmax_weights(q, k) @ v
+        return self.proj(self.merge_heads(out))
+
+    def forward_with_tangent(self, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+        """(forward(x), tangent), x and dx (B, N, D).  With S = q k^T / sqrt(d), P its
+        softmax: dS = (dq k^T + q dk^T) / sqrt(d), dP = P (dS - sum(P dS)),
+        d(P v) = dP v + P dv; the primal's P is reused ("sdpa" hides it: recomputed)."""
+        q, k, v = self.split_heads(self.qkv(x))
+        weights = None if self.kind == "sdpa" else self.softmax_weights(q, k)
+        out = F.scaled_dot_product_attention(q, k, v) if weights is None else weights @ v
+        out = self.proj(self.merge_heads(out))
+        with torch.no_grad():
+            dq, dk, dv = self.split_heads(F.linear(dx, self.qkv.weight))
+            if weights is None:
+                weights = self.softmax_weights(q, k)
+            d_scores = dq @ k.transpose(-2, -1)
+            d_scores = d_scores.add_(q @ dk.transpose(-2, -1)).mul_(1 / math.sqrt(q.shape[-1]))
+            d_weights = softmax_tangent(weights, d_scores)
+            d_out = (d_weights @ v).add_(weights @ dv)
+            d_out = F.linear(self.merge_heads(d_out), self.proj.weight)
+        return out, d_out
 
 
 def mlp(hidden: int, mlp_ratio: float) -> nn.Sequential:
@@ -156,6 +241,23 @@ class AdaLNBlock(nn.Module):
         h = h + gate1[:, None] * self.attn(modulate(self.norm1(h), shift1, scale1))
         return h + gate2[:, None] * self.mlp(modulate(self.norm2(h), shift2, scale2))
 
+    def forward_with_tangent(
+        self, h: Tensor, dh: Tensor, c: Tensor | None, dc: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """(forward(h, c), tangent) from the tangents dh (B, N, D) and dc (B, D)."""
+        assert c is not None and dc is not None, "adaLN blocks need c and its tangent"
+        mod, d_mod = sequential_with_tangent(self.adaLN_modulation, c, dc)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+        d_shift1, d_scale1, d_gate1, d_shift2, d_scale2, d_gate2 = d_mod.chunk(6, dim=-1)
+        x, dx = layer_norm_with_tangent(self.norm1, h, dh)
+        x, dx = modulate_with_tangent(x, dx, shift1, d_shift1, scale1, d_scale1)
+        x, dx = self.attn.forward_with_tangent(x, dx)
+        h, dh = gated_residual_with_tangent(h, dh, gate1[:, None], d_gate1[:, None], x, dx)
+        x, dx = layer_norm_with_tangent(self.norm2, h, dh)
+        x, dx = modulate_with_tangent(x, dx, shift2, d_shift2, scale2, d_scale2)
+        x, dx = sequential_with_tangent(self.mlp, x, dx)
+        return gated_residual_with_tangent(h, dh, gate2[:, None], d_gate2[:, None], x, dx)
+
 
 class GatedBlock(nn.Module):
     """Pre-norm block for in-context conditioning: h (B, N, D) -> (B, N, D).  RMSNorm,
@@ -179,6 +281,17 @@ class GatedBlock(nn.Module):
         h = h + self.gate_attn * self.attn(self.norm1(h))
         return h + self.gate_mlp * self.mlp(self.norm2(h))
 
+    def forward_with_tangent(
+        self, h: Tensor, dh: Tensor, c: Tensor | None = None, dc: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(forward(h), tangent) from the tangent dh (B, N, D); c and dc are ignored."""
+        x, dx = self.norm1.forward_with_tangent(h, dh)
+        x, dx = self.attn.forward_with_tangent(x, dx)
+        h, dh = gated_residual_with_tangent(h, dh, self.gate_attn, None, x, dx)
+        x, dx = self.norm2.forward_with_tangent(h, dh)
+        x, dx = sequential_with_tangent(self.mlp, x, dx)
+        return gated_residual_with_tangent(h, dh, self.gate_mlp, None, x, dx)
+
 
 class AdaLNFinalLayer(nn.Module):
     """DiT final layer: h (B, N, D), c (B, D) -> (B, N, p*p*C); adaLN and linear zero-init."""
@@ -199,6 +312,17 @@ class AdaLNFinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(h), shift, scale))
 
+    def forward_with_tangent(
+        self, h: Tensor, dh: Tensor, c: Tensor | None, dc: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """(forward(h, c), tangent) from the tangents dh (B, N, D) and dc (B, D)."""
+        assert c is not None and dc is not None, "adaLN final layer needs c and its tangent"
+        mod, d_mod = sequential_with_tangent(self.adaLN_modulation, c, dc)
+        (shift, scale), (d_shift, d_scale) = mod.chunk(2, dim=-1), d_mod.chunk(2, dim=-1)
+        x, dx = layer_norm_with_tangent(self.norm, h, dh)
+        x, dx = modulate_with_tangent(x, dx, shift, d_shift, scale, d_scale)
+        return layer_with_tangent(self.linear, x, dx)
+
 
 class FinalLayer(nn.Module):
     """In-context final layer: RMSNorm then a zero-init linear, (B, N, D) -> (B, N, p*p*C)."""
@@ -214,6 +338,12 @@ class FinalLayer(nn.Module):
 
     def forward(self, h: Tensor, c: Tensor | None = None) -> Tensor:
         return self.linear(self.norm(h))
+
+    def forward_with_tangent(
+        self, h: Tensor, dh: Tensor, c: Tensor | None = None, dc: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(forward(h), tangent) from the tangent dh (B, N, D); c and dc are ignored."""
+        return layer_with_tangent(self.linear, *self.norm.forward_with_tangent(h, dh))
 
 
 class PrefixTokens(nn.Module):
@@ -233,6 +363,22 @@ class PrefixTokens(nn.Module):
     def forward(self, embeddings: dict[str, Tensor]) -> Tensor:
         parts = [tok[None] + embeddings[key][:, None] for key, tok in self.tokens.items()]
         return torch.cat(parts, dim=1)
+
+    def forward_with_tangent(
+        self, embeddings: dict[str, Tensor], d_embeddings: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """(forward(embeddings), tangent (B, P, D)); a key missing from ``d_embeddings``
+        (the label, a slot without tangent) has tangent 0, as the learned tokens."""
+        tokens = self(embeddings)
+        with torch.no_grad():
+            B, D = tokens.shape[0], tokens.shape[-1]
+            parts = [
+                d_embeddings[key][:, None].expand(B, tok.shape[0], D)
+                if key in d_embeddings
+                else tokens.new_zeros(B, tok.shape[0], D)
+                for key, tok in self.tokens.items()
+            ]
+            return tokens, torch.cat(parts, dim=1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -336,6 +482,22 @@ class DiT(nn.Module):
         out[LABEL_KEY] = self.cond_embed.labels(y)
         return out
 
+    def embed_conditions_with_tangent(
+        self, cond: dict[str, Tensor], y: Tensor, cond_tangents: dict[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(embed_conditions(cond, y), {slot: (B, D) tangent} for the slots in
+        ``cond_tangents``); the label and the other slots have tangent 0."""
+        self.cond_embed.check(cond)
+        out, d_out = {}, {}
+        for s in self.slots:
+            embedder = self.cond_embed.scalars[s]
+            features = scalar_features(cond[s], embedder.freq_dim, embedder.mlp[0].weight.dtype)
+            out[s], d = scalar_embedder_with_tangent(embedder, features, cond_tangents.get(s))
+            if d is not None:
+                d_out[s] = d
+        out[LABEL_KEY] = self.cond_embed.labels(y)
+        return out, d_out
+
     def patchify(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> patch tokens with positions (B, N, D), N = H W / p^2."""
         expected = (self.in_channels, *self.image_size)
@@ -343,7 +505,17 @@ class DiT(nn.Module):
             raise ValueError(
                 f"DiT built for inputs (B, {expected}), got x of shape {tuple(x.shape)}"
             )
-        return self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        # contiguous: the add would keep the conv's (B, D, N) layout for the whole residual
+        # stream, and every norm and linear would copy it
+        return (self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed).contiguous()
+
+    def patchify_with_tangent(self, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+        """(patchify(x), tangent (B, N, D)): the patch embedding is affine in x and the
+        positions are constant."""
+        h = self.patchify(x)
+        with torch.no_grad():
+            dh = F.conv2d(dx, self.patch_embed.weight, stride=self.patch_size)
+            return h, dh.flatten(2).transpose(1, 2).contiguous()
 
     def unpatchify(self, h: Tensor) -> Tensor:
         """(B, N, p*p*C) -> (B, C, H, W); channels ordered (p_row, p_col, C) as DiT."""
@@ -357,15 +529,36 @@ class DiT(nn.Module):
             h = block(h, c)
         return self.unpatchify(final(h[:, self.num_prefix :], c))
 
+    def _head_with_tangent(
+        self,
+        h: Tensor,
+        dh: Tensor,
+        c: Tensor | None,
+        dc: Tensor | None,
+        tail: nn.ModuleList,
+        final: nn.Module,
+    ) -> tuple[Tensor, Tensor]:
+        """``_head`` with the tangent dh (B, P + N, D) -> (image, tangent), (B, C, H, W)."""
+        for block in tail:
+            h, dh = block.forward_with_tangent(h, dh, c, dc)
+        n = self.num_prefix  # prefix tokens are dropped before the final layer
+        out, d_out = final.forward_with_tangent(h[:, n:], dh[:, n:], c, dc)
+        with torch.no_grad():
+            d_out = self.unpatchify(d_out)
+        return self.unpatchify(out), d_out
+
+    def _check_return_aux(self, return_aux: bool) -> None:
+        if return_aux and not self.aux_depth:
+            raise ValueError(
+                "return_aux=True needs a DiT built with aux_depth > 0 (got aux_depth=0)"
+            )
+
     def forward(
         self, x: Tensor, cond: dict[str, Tensor], y: Tensor, return_aux: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
         """x (B, C, H, W); cond {slot: (B,) raw float}; y (B,) long -> (B, C, H, W),
         or (main, aux) both (B, C, H, W) with ``return_aux=True``."""
-        if return_aux and not self.aux_depth:
-            raise ValueError(
-                "return_aux=True needs a DiT built with aux_depth > 0 (got aux_depth=0)"
-            )
+        self._check_return_aux(return_aux)
         embeddings = self.embed_conditions(cond, y)
         h = self.patchify(x)
         if self.prefix is None:
@@ -380,6 +573,47 @@ class DiT(nn.Module):
             return out
         # the aux head runs only on request: no cost for nets that never ask for it
         return out, self._head(h, c, self.aux_tail, self.aux_final_layer)
+
+    def jvp(
+        self,
+        x: Tensor,
+        cond: dict[str, Tensor],
+        y: Tensor,
+        x_tangent: Tensor,
+        cond_tangents: dict[str, Tensor],
+        return_aux: bool = False,
+    ) -> tuple[Tensor, Tensor] | tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """Forward-mode pass: (out, d_out), or ((out, aux), (d_out, d_aux)) with
+        ``return_aux``, all (B, C, H, W).
+
+        ``out`` is ``forward(x, cond, y)`` by the same ops, recorded by autograd when grad
+        is enabled; ``d_out = d/de forward(x + e x_tangent, cond + e cond_tangents, y)``
+        at e = 0, computed without autograd (no grad_fn).  x_tangent (B, C, H, W);
+        cond_tangents {slot: (B,)}, a slot left out has tangent 0.
+        """
+        self._check_return_aux(return_aux)
+        unknown = sorted(set(cond_tangents) - set(self.slots))
+        if unknown:
+            raise ValueError(f"tangent given for slot(s) {unknown}; the DiT has slots {self.slots}")
+        embeddings, d_embeddings = self.embed_conditions_with_tangent(cond, y, cond_tangents)
+        h, dh = self.patchify_with_tangent(x, x_tangent)
+        if self.prefix is None:
+            c = sum(embeddings.values())
+            with torch.no_grad():
+                dc = sum(d_embeddings.values()) if d_embeddings else torch.zeros_like(c)
+        else:
+            c = dc = None
+            prefix, d_prefix = self.prefix.forward_with_tangent(embeddings, d_embeddings)
+            h = torch.cat([prefix, h], dim=1)
+            with torch.no_grad():
+                dh = torch.cat([d_prefix, dh], dim=1)
+        for block in self.blocks:
+            h, dh = block.forward_with_tangent(h, dh, c, dc)
+        out = self._head_with_tangent(h, dh, c, dc, self.tail, self.final_layer)
+        if not return_aux:
+            return out
+        aux = self._head_with_tangent(h, dh, c, dc, self.aux_tail, self.aux_final_layer)
+        return (out[0], aux[0]), (out[1], aux[1])
 
 
 def _check_config(
