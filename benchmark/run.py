@@ -8,6 +8,7 @@ checkpoint.  Rerunning the same command resumes unfinished runs and reuses finis
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import sys
@@ -104,16 +105,55 @@ def execute(plan: Plan, store: Store, force: bool = False) -> tuple[list[dict], 
     to MLflow from this process.  Returns the records that exist and the failure count."""
     from benchmark.launch import launch
 
-    if force:
+    rank = _join_torchrun(plan) if _torchrun_world() > 1 else 0
+    if rank == 0:
+        if force:
+            for job in plan.trainings:
+                _forget(store, job, [ev for ev in plan.evaluations if ev.train_key == job.key])
         for job in plan.trainings:
-            _forget(store, job, [ev for ev in plan.evaluations if ev.train_key == job.key])
-    for job in plan.trainings:
-        if not store.is_trained(job.key):
-            store.write_config(job.key, {"identity": job.identity})
+            if not store.is_trained(job.key):
+                store.write_config(job.key, {"identity": job.identity})
+    if _torchrun_world() > 1:
+        from benchmark import distributed
+
+        distributed.barrier()  # the others see the run folders only after rank 0 has prepared them
+        if rank != 0:
+            _follow_trainings(plan, store)
+            return [], 0
     failed = launch(plan.trainings, plan.evaluations, store, plan.trainings[0].config.launcher)
+    if _torchrun_world() > 1:
+        distributed.shutdown()
     records = collect(plan, store)
     mirror(plan, store)
     return records, len(failed)
+
+
+def _torchrun_world() -> int:
+    """The process count torchrun started (1 without torchrun: then torch is not imported here)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _join_torchrun(plan: Plan) -> int:
+    """Join the torchrun process group; this process's rank (0 leads, the others follow)."""
+    from benchmark import distributed
+
+    rank, world, _ = distributed.init_from_env()
+    launcher = plan.trainings[0].config.launcher.name
+    if launcher != "inline":
+        raise UserError(f"launcher={launcher} under torchrun ({world} processes); expected "
+                        f"launcher=inline: the processes train together in this job")
+    return rank
+
+
+def _follow_trainings(plan: Plan, store: Store) -> None:
+    """A non-zero rank: join rank 0's trainings (launch's phase 1, same jobs, same order)
+    and nothing else; rank 0 alone writes, evaluates, mirrors and prints the table."""
+    from benchmark import distributed
+    from benchmark.train import train
+
+    for job in [j for j in plan.trainings if not store.is_trained(j.key)]:
+        train(job, store)
+    distributed.shutdown()
 
 
 def collect(plan: Plan, store: Store) -> list[dict]:
@@ -126,16 +166,17 @@ def mirror(plan: Plan, store: Store) -> None:
     """Mirror finished trainings and evaluations to MLflow (idempotent; never fatal)."""
     from benchmark.tracking import Tracker
 
-    by_key = {job.key: job for job in plan.trainings}
+    trackers: dict[tuple, Tracker] = {}
     for job in plan.trainings:
         if not (job.config.tracking.enabled and store.is_trained(job.key)):
             continue
-        tracker = Tracker(job.config.tracking, store)
+        tracker = trackers.setdefault(tuple(vars(job.config.tracking).values()),
+                                      Tracker(job.config.tracking, store))
         summary = store.read_final_summary(job.key)
-        tracker.log_training(job, summary["curve"], summary["seconds"])
+        tracker.log_training(job.key, job.identity, summary["curve"], summary["seconds"])
         for ev in plan.evaluations:
             if ev.train_key == job.key and store.has_eval(ev.train_key, ev.key):
-                tracker.log_evaluation(by_key[ev.train_key], store.read_eval(ev.train_key, ev.key))
+                tracker.log_evaluation(job.key, job.identity, store.read_eval(ev.train_key, ev.key))
 
 
 def _forget(store: Store, job: TrainingJob, evals: list[EvalJob]) -> None:
@@ -148,6 +189,11 @@ def _forget(store: Store, job: TrainingJob, evals: list[EvalJob]) -> None:
     if ledger.is_file():
         shutil.copy(ledger, ledger.with_suffix(".json.bak"))
         ledger.unlink()
+
+
+def _follower() -> bool:
+    """A non-zero torchrun rank (it only trained; rank 0 reports)."""
+    return _torchrun_world() > 1 and os.environ.get("RANK", "0") != "0"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         records, failures = execute(plan, store, force="--force" in flags)
         if records:
             print(format_table(records))
+        if _follower():
+            return 0  # a non-zero torchrun rank only trained: rank 0 reports
         print(f"done in {time.perf_counter() - start:.1f} s; records under {store.root}/runs")
         if failures:
             print(f"error: {failures} job(s) failed (listed above); nothing of them was cached: "

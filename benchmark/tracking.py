@@ -2,14 +2,17 @@
 
 One parent run per training key (parameters, training curve, tags to filter by method,
 model and data) and one nested run per evaluation (nfe, guidance, every metric, the
-sample grid as an artifact).  The disk records stay the record of truth: a tracking
-failure prints one warning and the benchmark goes on.  Which runs were mirrored is kept
-in ``runs/<train_key>/mlflow.json``, so a rerun never logs a run twice.
+sample grid as an artifact).  Only the driver process logs (jobs write records to disk),
+so parallel jobs never race on the store.  The disk records stay the record of truth: a
+tracking failure (a server that is down) prints one warning, the benchmark goes on, and
+``python -m benchmark.sync`` mirrors the records later.  What was mirrored to which
+tracking URI is kept in ``runs/<train_key>/mlflow.json``, so nothing is logged twice.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,11 @@ class Tracker:
         self.uri = cfg.uri or store.mlflow_uri()
         self._client = None
         self._experiment_id: str | None = None
+        self.down = False
+        if self.uri.startswith("http"):
+            # fail in seconds, not minutes of retries, when the server is down
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
     # -- plumbing ------------------------------------------------------------------------
     def _connect(self):
@@ -62,57 +70,68 @@ class Tracker:
         return self.store.run_dir(train_key) / "mlflow.json"
 
     def _ledger(self, train_key: str) -> dict:
+        """What was mirrored to *this* tracking URI (a run may be mirrored to several)."""
         path = self._ledger_path(train_key)
-        return json.loads(path.read_text()) if path.is_file() else {"uri": self.uri, "evals": {}}
+        ledgers = json.loads(path.read_text()) if path.is_file() else {}
+        return ledgers.get(self.uri, {"evals": {}})
+
+    def _save_ledger(self, train_key: str, ledger: dict) -> None:
+        path = self._ledger_path(train_key)
+        ledgers = json.loads(path.read_text()) if path.is_file() else {}
+        ledgers[self.uri] = ledger
+        atomic_write_json(path, ledgers)
 
     def _safely(self, what: str, fn, *args):
-        if not self.cfg.enabled:
+        if not self.cfg.enabled or self.down:
             return None
         try:
             return fn(*args)
         except Exception as err:  # the disk record is the truth; tracking must not fail a run
+            self.down = True  # one warning, no per-record timeouts against a dead server
             print(f"warning: MLflow {what} failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                  f"results are on disk under {self.store.root}", file=sys.stderr)
+                  f"results are on disk under {self.store.root}: mirror them later with "
+                  f"`python -m benchmark.sync results_dir={self.store.root}`", file=sys.stderr)
             return None
 
     # -- public --------------------------------------------------------------------------
-    def log_training(self, job, curve: list, seconds: float | None) -> str | None:
-        return self._safely("logging of training", self._log_training, job, curve, seconds)
+    def log_training(self, train_key: str, identity: dict, curve: list, seconds: float | None) -> str | None:
+        return self._safely("logging of training", self._log_training, train_key, identity, curve, seconds)
 
-    def log_evaluation(self, job, record: dict) -> str | None:
-        return self._safely("logging of evaluation", self._log_evaluation, job, record)
+    def log_evaluation(self, train_key: str, identity: dict, record: dict) -> str | None:
+        return self._safely("logging of evaluation", self._log_evaluation, train_key, identity, record)
 
-    def _log_training(self, job, curve: list, seconds: float | None) -> str:
-        ledger = self._ledger(job.key)
-        if ledger.get("parent") and ledger.get("uri") == self.uri:
+    def _log_training(self, train_key: str, identity: dict, curve: list, seconds: float | None) -> str:
+        """The parent run of one training, from its identity (the resolved training config)."""
+        ledger = self._ledger(train_key)
+        if ledger.get("parent"):
             return ledger["parent"]
         from mlflow.entities import Metric, Param, RunTag
 
         client = self._connect()
-        cfg = job.config
-        tags = {"method": job.method_name, "model": cfg.model.name, "data": cfg.data.name,
-                "train_key": job.key, "seed": str(cfg.seed), "kind": "training"}
-        run = client.create_run(self._experiment_id, run_name=f"{job.method_name}-{cfg.model.name}-{job.key}",
-                                tags=tags)
-        params = [Param(k, str(v)[:500]) for k, v in flatten(job.identity).items()]
+        method, model = identity["method"]["name"], identity["model"]["name"]
+        steps = identity["train"]["steps"]
+        tags = {"method": method, "model": model, "data": identity["data"]["name"],
+                "train_key": train_key, "seed": str(identity["seed"]), "kind": "training"}
+        run = client.create_run(self._experiment_id, run_name=f"{method}-{model}-{train_key}", tags=tags)
+        params = [Param(k, str(v)[:500]) for k, v in flatten(identity).items()]
         metrics = [Metric("train_loss", float(loss), 0, int(step)) for step, loss, _ in curve]
         metrics += [Metric("lr", float(lr), 0, int(step)) for step, _, lr in curve]
         if seconds is not None:
-            metrics.append(Metric("train_seconds", float(seconds), 0, cfg.train.steps))
-        for i in range(0, max(len(params), len(metrics)), 900):
+            metrics.append(Metric("train_seconds", float(seconds), 0, steps))
+        for i in range(0, max(len(params), len(metrics), 1), 900):
             client.log_batch(run.info.run_id, metrics=metrics[i:i + 900], params=params[i:i + 90],
-                             tags=[RunTag("train_steps", str(cfg.train.steps))] if i == 0 else [])
+                             tags=[RunTag("train_steps", str(steps))] if i == 0 else [])
         client.set_terminated(run.info.run_id)
-        ledger.update(uri=self.uri, parent=run.info.run_id)
-        atomic_write_json(self._ledger_path(job.key), ledger)
+        ledger["parent"] = run.info.run_id
+        self._save_ledger(train_key, ledger)
         return run.info.run_id
 
-    def _log_evaluation(self, job, record: dict) -> str:
-        ledger = self._ledger(job.key)
+    def _log_evaluation(self, train_key: str, identity: dict, record: dict) -> str:
+        ledger = self._ledger(train_key)
         if record["eval_key"] in ledger["evals"]:
             return ledger["evals"][record["eval_key"]]
-        parent = ledger.get("parent") or self._log_training(job, [], None)
-        ledger = self._ledger(job.key)
+        parent = ledger.get("parent") or self._log_training(train_key, identity, [], None)
+        ledger = self._ledger(train_key)
         from mlflow.entities import Metric, Param
 
         client = self._connect()
@@ -134,5 +153,5 @@ class Tracker:
             client.log_artifact(run.info.run_id, str(grid), artifact_path="samples")
         client.set_terminated(run.info.run_id)
         ledger["evals"][record["eval_key"]] = run.info.run_id
-        atomic_write_json(self._ledger_path(job.key), ledger)
+        self._save_ledger(train_key, ledger)
         return run.info.run_id
