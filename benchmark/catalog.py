@@ -5,7 +5,9 @@ Versions salt cache keys: bump one when the code it names changes its numbers.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from benchmark.metrics import FEATURE_EXTRACTOR_ID, TOY_METRIC_ID
 
@@ -21,10 +23,16 @@ class DatasetInfo:
     metric_id: str     # identity of its definitions and feature network (in evaluation keys)
 
 
+FID_METRIC_ID = "fid-v1"
+"""Identity of the fid suite's definitions (quantisation, KID subsets, reference sampling)."""
+
 DATASETS = {
     "digits": DatasetInfo("image", True, 1, "digits", FEATURE_EXTRACTOR_ID),
     **{name: DatasetInfo("toy", False, 1, "toy", TOY_METRIC_ID) for name in (
         "checkerboard", "eight_gaussians", "two_moons", "spirals", "gaussian1d", "gaussian2d")},
+    # Read from data.root (layouts below); FD/KID through benchmark.metrics.fid.
+    **{name: DatasetInfo("image", True, 1, "fid", FID_METRIC_ID) for name in (
+        "mnist", "cifar10", "imagefolder", "latents")},
 }
 
 
@@ -34,3 +42,80 @@ def dataset_info(name: str) -> DatasetInfo:
     if name not in DATASETS:
         raise UserError(f"unknown dataset '{name}'; expected one of: {', '.join(DATASETS)}")
     return DATASETS[name]
+
+
+# ----------------------------------------------------------------------------------------
+# Datasets read from data.root: the expected layout, checked and fingerprinted torch-free
+# (the planner puts the fingerprint into the training key; the loaders check the same way).
+
+_CIFAR = "cifar-10-batches-py"
+_MNIST_FILES = tuple(f"MNIST/raw/{split}-{kind}-ubyte" for split in ("train", "t10k")
+                     for kind in ("images-idx3", "labels-idx1"))
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    required: tuple[str, ...]  # glob patterns under the root; each must match a file
+    members: tuple[str, ...]   # glob patterns of every file the data is read from (fingerprinted)
+    expected: str              # the layout in words, for error messages
+    download: bool = False     # torchvision can fetch it (data.options.download=true)
+
+
+DATA_LAYOUTS = {
+    "cifar10": DataLayout(
+        tuple(f"{_CIFAR}/{name}" for name in (*(f"data_batch_{i}" for i in range(1, 6)),
+                                              "test_batch", "batches.meta")),
+        (f"{_CIFAR}/*_batch*", f"{_CIFAR}/batches.meta"),
+        f"{_CIFAR}/data_batch_1..5, test_batch, batches.meta (torchvision's CIFAR-10 python pickles)",
+        download=True),
+    "mnist": DataLayout(
+        _MNIST_FILES, _MNIST_FILES,
+        "MNIST/raw/{train,t10k}-images-idx3-ubyte and -labels-idx1-ubyte (torchvision's MNIST, "
+        "uncompressed idx files)", download=True),
+    "imagefolder": DataLayout(
+        ("*/*",), ("*/**/*",),
+        "one subfolder per class holding its images (<root>/<class>/<name>.png|jpg|...)"),
+    "latents": DataLayout(
+        ("train-*.npz",), ("train-*.npz", "test-*.npz"),
+        "train-*.npz shards (optional test-*.npz), each with arrays 'latents' (N, C, H, W) and "
+        "'labels' (N,)"),
+}
+
+
+def data_root_error(name: str, root: str, problem: str) -> str:
+    """One line: what is wrong with ``root``, the layout ``name`` expects and how to fix it."""
+    layout = DATA_LAYOUTS[name]
+    fix = ("point data.root at a folder holding it" +
+           (" or add data.options.download=true to fetch it" if layout.download else ""))
+    return f"data={name} data.root={root!r} {problem}; expected {layout.expected}: {fix}"
+
+
+def check_data_root(name: str, root: str) -> Path:
+    """The resolved root of a dataset read from disk; UserError naming what is missing."""
+    from benchmark.schema import UserError
+
+    if not root:
+        raise UserError(data_root_error(name, root, "is not set"))
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise UserError(data_root_error(name, root, "does not exist" if not path.exists()
+                                        else "is not a folder"))
+    for pattern in DATA_LAYOUTS[name].required:
+        if not any(p.is_file() for p in path.glob(pattern)):
+            raise UserError(data_root_error(name, root, f"has no file matching {pattern}"))
+    return path.resolve()
+
+
+def data_files_fingerprint(name: str, root: str) -> str:
+    """16 hex characters over the relative names and sizes of the dataset's files.
+
+    Cheap (a directory walk, no reading), so a sweep's plan stays instant; a changed, added
+    or removed file changes it, a copy of the folder elsewhere does not.
+    """
+    base = check_data_root(name, root)
+    files = sorted({p for pattern in DATA_LAYOUTS[name].members for p in base.glob(pattern)
+                    if p.is_file()})
+    digest = hashlib.sha256(name.encode())
+    for path in files:
+        digest.update(f"{path.relative_to(base).as_posix()}|{path.stat().st_size}\n".encode())
+    return digest.hexdigest()[:16]

@@ -3,7 +3,9 @@
 The metric suite follows the dataset (``benchmark.catalog``): digits get Fréchet distance
 and KID in a digits classifier's feature space (through torch-fidelity), the classifier's
 accuracy on class-conditional samples and the test-vs-train floor; toy densities get the
-sliced Wasserstein distance and MMD against fresh exact samples.
+sliced Wasserstein distance and MMD against fresh exact samples; datasets read from disk
+get FD / KID (Inception FID by default) through torch-fidelity or clean-fid against cached
+reference features (``benchmark.metrics.fid``), the record naming that reference.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from benchmark.catalog import dataset_info
 from benchmark.data import Dataset
 from benchmark.plan import EvalJob, TrainingJob
 from benchmark.sample import Generated, balanced_labels, generate
+from benchmark.schema import EvalConfig
 from benchmark.store import Store, atomic_write_bytes
 from benchmark.train import Trainee
 
 
-def _digits_metrics(gen: Generated, dataset: Dataset, cache_dir: Path, seed: int) -> dict:
+def _digits_metrics(gen: Generated, dataset: Dataset, cache_dir: Path, seed: int,
+                    eval_cfg: EvalConfig | None = None) -> dict:
     from benchmark.metrics.digits import digits_floor, evaluate_digits
 
     metrics = evaluate_digits(gen.samples, gen.labels, cache_dir=cache_dir)
@@ -35,15 +39,27 @@ def _digits_metrics(gen: Generated, dataset: Dataset, cache_dir: Path, seed: int
     return {**metrics, "fd_floor": floor["fd"], "kid_floor": floor["kid"]}
 
 
-def _toy_metrics(gen: Generated, dataset: Dataset, cache_dir: Path, seed: int) -> dict:
+def _toy_metrics(gen: Generated, dataset: Dataset, cache_dir: Path, seed: int,
+                 eval_cfg: EvalConfig | None = None) -> dict:
     from benchmark.metrics.toy import evaluate_toy
 
     return evaluate_toy(gen.samples, dataset, num_reference=max(2000, gen.samples.shape[0]), seed=seed)
 
 
-METRIC_SUITES: dict[str, Callable[[Generated, Dataset, Path, int], dict]] = {
+def _fid_metrics(gen: Generated, dataset: Dataset, cache_dir: Path, seed: int,
+                 eval_cfg: EvalConfig | None = None) -> dict:
+    """FD / KID (Inception FID by default) through eval.backend; the returned ``reference``
+    (what the samples were compared with) goes to the record, not to the metrics."""
+    from benchmark.metrics.fid import FidOptions, evaluate_fid
+
+    options = FidOptions.from_eval_config(eval_cfg or EvalConfig())
+    return evaluate_fid(gen.samples, dataset, options=options, cache_dir=cache_dir)
+
+
+METRIC_SUITES: dict[str, Callable[..., dict]] = {
     "digits": _digits_metrics,
     "toy": _toy_metrics,
+    "fid": _fid_metrics,
 }
 
 
@@ -58,8 +74,9 @@ def evaluate(job: TrainingJob, ev: EvalJob, trainee: Trainee, store: Store, fina
                    device=trainee.device)
     tick = time.perf_counter()
     suite = METRIC_SUITES[dataset_info(cfg.data.name).metric]
-    metrics = suite(gen, ds, store.cache_dir(), cfg.eval.seed)
+    metrics = suite(gen, ds, store.cache_dir(), cfg.eval.seed, cfg.eval)
     metric_seconds = time.perf_counter() - tick
+    reference = metrics.pop("reference", None)  # the fid suite names its real reference
     atomic_write_bytes(store.grid_path(ev.train_key, ev.key),
                        sample_grid_png(gen.samples, gen.labels, ds, cfg.eval.grid_per_class))
     record = {
@@ -72,6 +89,8 @@ def evaluate(job: TrainingJob, ev: EvalJob, trainee: Trainee, store: Store, fina
         "metric_seconds": metric_seconds, "train_seconds": final.get("seconds"),
         "metrics": metrics, "identity": ev.identity, "provenance": provenance(trainee.device),
     }
+    if reference is not None:
+        record["reference"] = reference
     store.write_eval(ev.train_key, ev.key, record)
     return record
 
@@ -86,7 +105,10 @@ def sample_grid_png(samples: Tensor, labels: Tensor, dataset: Dataset, per_class
     buffer = io.BytesIO()
     if len(dataset.shape) == 3:
         grid = _image_grid(samples, labels, max(dataset.num_classes, 1), per_class)
-        plt.imsave(buffer, grid.numpy(), cmap="gray", vmin=0, vmax=1, format="png")
+        if grid.dim() == 3:  # RGB
+            plt.imsave(buffer, grid.numpy(), format="png")
+        else:
+            plt.imsave(buffer, grid.numpy(), cmap="gray", vmin=0, vmax=1, format="png")
     else:
         fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
         pts = samples.reshape(samples.shape[0], -1).numpy()
@@ -99,14 +121,16 @@ def sample_grid_png(samples: Tensor, labels: Tensor, dataset: Dataset, per_class
 
 
 def _image_grid(samples: Tensor, labels: Tensor, num_classes: int, per_class: int) -> Tensor:
-    """(rows * H, cols * W) in [0, 1]; column k holds class k (first channel only for C > 1)."""
+    """(rows * H, cols * W) in [0, 1], or (rows * H, cols * W, 3) for RGB samples; column k
+    holds class k (the first channel only for other channel counts, e.g. latents)."""
     _, c, h, w = samples.shape
-    grid = torch.ones(per_class * (h + 1), num_classes * (w + 1))
+    rgb = c == 3
+    grid = torch.ones(per_class * (h + 1), num_classes * (w + 1), *((3,) if rgb else ()))
     for k in range(num_classes):
         picks = samples[labels == k][:per_class] if num_classes > 1 else samples[:per_class]
         for row, img in enumerate(picks):
-            tile = ((img[0] + 1) / 2).clamp(0, 1)
-            grid[row * (h + 1):row * (h + 1) + h, k * (w + 1):k * (w + 1) + w] = tile
+            tile = ((img.permute(1, 2, 0) if rgb else img[0]) + 1) / 2
+            grid[row * (h + 1):row * (h + 1) + h, k * (w + 1):k * (w + 1) + w] = tile.clamp(0, 1)
     return grid
 
 

@@ -12,10 +12,17 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchmark.catalog import BACKBONE_VERSIONS, dataset_info
+from benchmark.catalog import (
+    BACKBONE_VERSIONS,
+    DATA_LAYOUTS,
+    DatasetInfo,
+    data_files_fingerprint,
+    dataset_info,
+)
 from benchmark.config import Point
 from benchmark.keys import short_hash
-from benchmark.schema import RunConfig, UserError, method_config, semantic_fields
+from benchmark.metrics.inception import extractor_weights_identity
+from benchmark.schema import FID_SUITE_FIELDS, RunConfig, UserError, method_config, semantic_fields
 from methods.specs import InvalidPoint, get_spec
 
 
@@ -54,10 +61,46 @@ def training_identity(cfg: RunConfig, method_name: str, method_train: dict) -> d
     return {
         "method": {"name": method_name, "version": spec.version, **method_train},
         "model": {**semantic_fields(cfg.model), "backbone_version": BACKBONE_VERSIONS[cfg.model.backbone]},
-        "data": {"name": cfg.data.name, "options": cfg.data.options, "version": data.version},
+        "data": _data_identity(cfg, data.version),
         "train": semantic_fields(cfg.train),
         "seed": cfg.seed,
     }
+
+
+# Data options that say where files are or how to fetch them, not what they hold: the
+# training key carries the files' fingerprint instead (a copied folder keeps its key).
+LOCATION_OPTIONS = ("root", "download")
+
+
+def _data_identity(cfg: RunConfig, version: int) -> dict:
+    """Name, options and loader version; datasets read from data.root add a fingerprint of
+    their files (names and sizes, torch-free), fetching them first if download=true."""
+    identity = {"name": cfg.data.name, "options": cfg.data.options, "version": version}
+    if cfg.data.name not in DATA_LAYOUTS:
+        return identity
+    root = cfg.data.options.get("root") or cfg.data.root
+    try:
+        files = data_files_fingerprint(cfg.data.name, root)
+    except UserError:
+        if not (cfg.data.options.get("download") and DATA_LAYOUTS[cfg.data.name].download):
+            raise
+        from benchmark.data.torchvision_sets import download_dataset  # imports torch: only here
+
+        download_dataset(cfg.data.name, root)
+        files = data_files_fingerprint(cfg.data.name, root)
+    options = {k: v for k, v in cfg.data.options.items() if k not in LOCATION_OPTIONS}
+    return {**identity, "options": options, "files": files}
+
+
+def _metric_identity(cfg: RunConfig, data: DatasetInfo) -> tuple[dict, object]:
+    """The eval fields and metric id an evaluation key carries.  The fid suite's fields and
+    its feature network's weights (checked to exist here, before any training) enter only
+    the keys of datasets that use that suite, so digits and toy keys are unchanged."""
+    fields = semantic_fields(cfg.eval)
+    if data.metric != "fid":
+        return {k: v for k, v in fields.items() if k not in FID_SUITE_FIELDS}, data.metric_id
+    weights = extractor_weights_identity(cfg.eval.extractor, cfg.eval.backend, cfg.eval.inception_weights)
+    return fields, {"id": data.metric_id, "weights": weights}
 
 
 def plan_points(points: list[Point]) -> Plan:
@@ -110,10 +153,11 @@ def _plan_point(point: Point, plan: Plan, notified: set) -> tuple[TrainingJob, E
     train_key = short_hash(identity)
     job = TrainingJob(train_key, cfg, name, train_fields, identity)
     eval_guidance = guidance if spec.guidance in ("eval_cfg", "eval_input") else 1.0
+    eval_config, metric = _metric_identity(cfg, data)
     eval_identity = {
         "train_key": train_key, "nfe": cfg.nfe, "guidance": eval_guidance,
-        "method": eval_fields, "eval": semantic_fields(cfg.eval), "checkpoint": "final",
-        "metric": data.metric_id,
+        "method": eval_fields, "eval": eval_config, "checkpoint": "final",
+        "metric": metric,
     }
     ev = EvalJob(short_hash(eval_identity), train_key, cfg.nfe,
                  spec.nfe_cost(mcfg, cfg.nfe, eval_guidance), guidance, eval_fields, eval_identity)

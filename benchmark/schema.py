@@ -40,12 +40,20 @@ class ModelConfig:
 class DataConfig:
     name: str = _spec("digits", "dataset registry name")
     options: dict = _spec({}, "dataset options (e.g. mean/std of gaussian1d)")
+    # Datasets read from disk (mnist, cifar10, imagefolder, latents): where their files are.
+    # Not semantic: the training key carries a fingerprint of the files instead of the path.
+    root: str = _spec("", "folder holding the dataset's files (datasets read from disk)", semantic=False)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = _spec(3000, "optimizer steps", min=1)
     batch_size: int = _spec(128, "global batch size", min=1)
+    # The global batch is cut into this many equal micro-batches, each seeded by its index; the
+    # processes of a data-parallel job share them out, so the count (not the process count)
+    # fixes the training path and is part of the key.
+    micro_batches: int = _spec(1, "micro-batches per step (gradient accumulation; a multiple of the "
+                                  "number of data-parallel processes)", min=1)
     lr: float = _spec(1e-3, "peak AdamW learning rate", min=0.0)
     betas: list = _spec([0.9, 0.999], "AdamW betas")
     weight_decay: float = _spec(0.0, "AdamW weight decay", min=0.0)
@@ -67,6 +75,25 @@ class EvalConfig:
     seed: int = _spec(2024, "evaluation seed (each sample's noise is seeded from it and its index)")
     use_ema: bool = _spec(True, "sample from the EMA weights")
     grid_per_class: int = _spec(8, "samples per class in the PNG grid", min=1)
+    # Options of the "fid" metric suite (datasets read from disk); digits and toys ignore them
+    # and keep their own suites (benchmark.catalog), so these stay out of their keys.
+    backend: str = _spec("torch-fidelity", "library computing FD/KID (fid suite)",
+                         choices=("torch-fidelity", "clean-fid"))
+    extractor: str = _spec("inception-v3", "feature network of FD/KID (fid suite)",
+                           choices=("inception-v3", "digits", "pixels"))
+    inception_weights: str = _spec("", "Inception weights file or folder ('' = the libraries' caches)",
+                                   semantic=False)
+    reference_split: str = _spec("train", "real split the samples are compared with (fid suite)",
+                                 choices=("train", "test"))
+    num_reference: int = _spec(50000, "real images in the reference; a fixed subset if the split is "
+                                      "larger (fid suite)", min=2)
+    precision_recall: bool = _spec(False, "also improved precision/recall, k-NN in feature space (fid suite)")
+    feature_batch_size: int = _spec(64, "images per feature-network batch", min=1, semantic=False)
+    progress: bool = _spec(True, "progress bar over feature batches", semantic=False)
+
+
+FID_SUITE_FIELDS = ("backend", "extractor", "reference_split", "num_reference", "precision_recall")
+"""EvalConfig fields read only by the fid suite: they enter evaluation keys only for its datasets."""
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,7 @@ def test_toy_train_set_is_fixed_by_its_seed() -> None:
 
 
 def test_registry_holds_digits_and_every_toy() -> None:
-    assert set(DATASETS) == {"digits", *TOYS}
+    assert set(DATASETS) == {"digits", *TOYS, "mnist", "cifar10", "imagefolder", "latents"}
 
 
 def test_unknown_dataset_name_raises_with_the_list_of_names() -> None:

@@ -92,6 +92,12 @@ def load_dataset(name: str, **options: Any) -> Dataset:
 
 # The registry is filled after Dataset exists because the factories import it from here.
 from benchmark.data.digits import load_digits  # noqa: E402
+from benchmark.data.imagefolder import load_imagefolder  # noqa: E402
+from benchmark.data.latents import load_latents  # noqa: E402
+from benchmark.data.torchvision_sets import load_cifar10, load_mnist  # noqa: E402
 from benchmark.data.toys import TOY_FACTORIES  # noqa: E402
 
 DATASETS: dict[str, Callable[..., Dataset]] = {"digits": load_digits, **TOY_FACTORIES}
+# Read from data.root (benchmark.catalog.DATA_LAYOUTS); torchvision is imported on first use.
+DATASETS.update(mnist=load_mnist, cifar10=load_cifar10, imagefolder=load_imagefolder,
+                latents=load_latents)
