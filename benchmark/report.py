@@ -1,0 +1,610 @@
+"""Comparison tables, plots and the executed report notebook, in one command.
+
+    python -m benchmark.report [column=value[,value...] ...] [results_dir=DIR] [out=DIR]
+                               [notebook_dir=DIR] [metric=NAME] [--no-notebook]
+
+1. rebuilds the long-format table ``results/tables/results.{parquet,csv}`` from the records;
+2. keeps the rows matching every filter (``method=fm,imf data=digits nfe=1,2``; any column
+   of the table works: ``train.steps=3000``, ``guidance=1``);
+3. writes the comparison tables as Markdown, CSV, LaTeX and HTML under ``results/report/``:
+   method x NFE per model size, guidance sweeps, model-size scaling, and quality against
+   sampling cost with its Pareto front; mean ± std where seeds repeat, the best cell per
+   column in bold;
+4. draws the seaborn plots into ``results/report/plots/``;
+5. executes ``reports/benchmark_report.py`` (a jupytext notebook that reads only the
+   table) into ``reports/benchmark_report.ipynb`` and self-contained ``.html``, and copies
+   the summary tables and plots to ``reports/benchmark_report.md`` and
+   ``reports/benchmark_report_figures/`` for the README.
+
+Nothing here is hand-edited: rerun the command after a sweep and everything follows.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from benchmark.schema import UserError
+from benchmark.store import atomic_write_bytes
+from benchmark.table import (
+    config_columns,
+    metric_info,
+    quality_metric,
+    read_table,
+    rebuild,
+    table_metrics,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK_SOURCE = REPO / "reports" / "benchmark_report.py"
+USAGE = ("usage: python -m benchmark.report [column=value[,value...] ...] [results_dir=DIR] [out=DIR] "
+         "[notebook_dir=DIR] [metric=NAME] [--no-notebook] [--help]")
+OPTIONS = ("results_dir", "out", "notebook_dir", "metric")
+KINDS = {"method_nfe": "Method × NFE", "guidance": "Guidance scale sweeps",
+         "model_size": "Model-size scaling", "pareto": "Quality vs. sampling cost (Pareto front)"}
+# Torch-free size order for the model-size axis when records carry no parameter count.
+MODEL_ORDER = ("mlp", "dit-tiny", "dit-small-cpu", "dit-s", "dit-b", "dit-l", "dit-xl")
+
+
+# ----------------------------------------------------------------------------------------
+# Selecting rows
+
+
+def parse_filters(pairs: list[str], df: pd.DataFrame) -> dict[str, list[str]]:
+    """``column=v1,v2`` pairs; the column must exist in the table."""
+    filters: dict[str, list[str]] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            raise UserError(f"filter '{pair}' is not column=value; expected e.g. method=fm,imf or nfe=1,2")
+        if key not in df.columns:
+            common = [c for c in ("method", "model", "data", "nfe", "guidance", "seed") if c in df.columns]
+            raise UserError(f"unknown filter column '{key}'; expected one of {', '.join(common)} or any "
+                            f"table column (e.g. train.steps); see results/tables/results.csv for all")
+        filters[key] = [v for v in value.split(",") if v]
+    return filters
+
+
+def _matches(column: pd.Series, wanted: list[str]) -> pd.Series:
+    """Numbers compare as numbers (``guidance=2`` matches 2.0), everything else as text."""
+    if pd.api.types.is_bool_dtype(column):
+        return column.isin([w.lower() in ("1", "true", "yes") for w in wanted])
+    if pd.api.types.is_numeric_dtype(column):
+        values = []
+        for w in wanted:
+            try:
+                values.append(float(w))
+            except ValueError:
+                raise UserError(f"filter {column.name}={w!r} is not a number; expected numbers like "
+                                f"{', '.join(sorted({f'{v:g}' for v in column.dropna()})[:6])}") from None
+        return column.astype(float).isin(values)
+    return column.astype(str).isin(wanted)
+
+
+def select(df: pd.DataFrame, filters: dict[str, list[str]]) -> pd.DataFrame:
+    """The rows matching every filter; a filter that matches nothing is a ``UserError``."""
+    if df.empty:
+        raise UserError("the results table is empty: no evaluation records under results_dir/runs; "
+                        "expected some from python -m benchmark.run (e.g. method=fm nfe=1,2) first")
+    keep = pd.Series(True, index=df.index)
+    for key, wanted in filters.items():
+        keep &= _matches(df[key], wanted)
+    if not keep.any():
+        asked = " ".join(f"{k}={','.join(v)}" for k, v in filters.items())
+        held = "; ".join(f"{k}: {', '.join(map(str, sorted(df[k].dropna().unique(), key=str)[:8]))}"
+                         for k in filters)
+        raise UserError(f"no evaluation matches {asked}; the table holds {held}; "
+                        f"expected values from those (or run python -m benchmark.run for them)")
+    return df[keep].reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Labels and aggregation over seeds
+
+
+def method_rank(name: str) -> tuple[int, str]:
+    from methods.specs import METHOD_NAMES
+
+    return (METHOD_NAMES.index(name) if name in METHOD_NAMES else len(METHOD_NAMES), name)
+
+
+def model_order(df: pd.DataFrame) -> list[str]:
+    """Models from small to large: by recorded parameter count, else by the size registry."""
+    models = list(df["model"].dropna().unique())
+    if "model.params" in df.columns and df["model.params"].notna().all():
+        params = df.groupby("model")["model.params"].mean()
+        return sorted(models, key=lambda m: params[m])
+    return sorted(models, key=lambda m: (MODEL_ORDER.index(m) if m in MODEL_ORDER else len(MODEL_ORDER), m))
+
+
+def _size_key(df: pd.DataFrame, group: tuple) -> tuple:
+    """Sort key of a (data, model, ...) group: data by name, then model from small to large."""
+    order = model_order(df[df["data"] == group[0]])
+    return (group[0], order.index(group[1]) if group[1] in order else len(order), *map(str, group[2:]))
+
+
+def _short(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def variant_labels(df: pd.DataFrame, axes: set[str]) -> pd.Series:
+    """``method`` plus every setting that varies within that method, except the axes.
+
+    Two rows share a label exactly when they differ only in the axes (and seeds).
+    """
+    skip = axes | {"method", "nfe_counted"}
+    labels = pd.Series("", index=df.index, dtype=object)
+    for method, rows in df.groupby("method", sort=False):
+        prefixes = tuple(a for a in axes if a.endswith("."))  # "model." drops every model.* column
+        varying = [c for c in config_columns(rows) if c not in skip and not (prefixes and c.startswith(prefixes))
+                   and rows[c].astype(str).nunique(dropna=False) > 1]
+        for i, row in rows.iterrows():
+            extra = ", ".join(f"{c}={_short(row[c])}" for c in varying)
+            labels[i] = f"{method} ({extra})" if extra else str(method)
+    return labels
+
+
+def _key_text(value) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
+def aggregate(df: pd.DataFrame, values: list[str], axes: set[str]) -> pd.DataFrame:
+    """One row per configuration (seeds pooled): its settings, ``label`` (see
+    :func:`variant_labels`), the first sample grid, and per value its mean, ``<v>.std``
+    and the count ``n``."""
+    keys = config_columns(df)
+    values = [v for v in values if v in df.columns]
+    # a text key per configuration: NaN-holding settings group reliably as text
+    config = pd.Series(["\x1f".join(map(_key_text, row)) for row in df[keys].itertuples(index=False)],
+                       index=df.index)
+    groups = df.assign(label=variant_labels(df, axes), _config=config).groupby("_config", sort=False)
+    return pd.concat([groups[keys + ["label", "grid"]].first(), groups[values].mean(),
+                      groups[values].std(ddof=1).add_suffix(".std"), groups.size().rename("n")],
+                     axis=1).reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Comparison tables
+
+
+def fmt(value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+
+
+def fmt_cell(mean: float, std: float, n: int) -> str:
+    if n > 1 and not math.isnan(std):
+        return f"{fmt(mean)} ± {fmt(std)}"
+    return fmt(mean)
+
+
+@dataclass
+class Table:
+    """A rendered comparison: display cells, which are best, and the numbers behind them."""
+
+    kind: str
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    bold: list[list[bool]]
+    numbers: pd.DataFrame
+    note: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def to_markdown(self) -> str:
+        def line(cells): return "| " + " | ".join(cells) + " |"
+        body = [[f"**{c}**" if b else c for c, b in zip(r, bs)] for r, bs in zip(self.rows, self.bold)]
+        out = [line(self.header), line(["---"] * len(self.header)), *map(line, body)]
+        return "\n".join(out)
+
+    def to_html(self) -> str:
+        # inline styles: the table looks the same in the notebook, its HTML and alone
+        cell = "padding:.25em .6em;border:1px solid #ccc;text-align:{}"
+        def td(c: str, b: bool, j: int) -> str:
+            style = cell.format("left" if j == 0 else "right") + (";background:#e6f4e6" if b else "")
+            return f"<td style='{style}'>" + (f"<b>{html.escape(c)}</b>" if b else html.escape(c)) + "</td>"
+        head = "".join(f"<th style='{cell.format('left' if j == 0 else 'right')}'>{html.escape(h)}</th>"
+                       for j, h in enumerate(self.header))
+        body = "".join("<tr>" + "".join(td(c, b, j) for j, (c, b) in enumerate(zip(r, bs))) + "</tr>"
+                       for r, bs in zip(self.rows, self.bold))
+        title = f"<p style='font-weight:bold;margin:1.2em 0 .3em'>{html.escape(self.title)}</p>"
+        note = f"<p style='color:#555;margin:.3em 0 1em'>{html.escape(self.note)}</p>" if self.note else ""
+        return (f"{title}<table class='comparison' style='border-collapse:collapse'><thead><tr>{head}</tr>"
+                f"</thead><tbody>{body}</tbody></table>{note}")
+
+    def to_latex(self) -> str:
+        def tex(s: str) -> str:
+            s = s.replace("\\", r"\textbackslash{}")
+            for ch in "&%$#_{}":
+                s = s.replace(ch, "\\" + ch)
+            for text, latex in (("±", r"$\pm$"), ("×", r"$\times$"), ("·", r"$\cdot$"), ("ω", r"$\omega$"),
+                                ("–", "--"), ("✓", r"$\checkmark$")):
+                s = s.replace(text, latex)
+            return s
+        rows = [" & ".join(rf"\textbf{{{tex(c)}}}" if b else tex(c) for c, b in zip(r, bs)) + r" \\"
+                for r, bs in zip(self.rows, self.bold)]
+        spec = "l" + "r" * (len(self.header) - 1)
+        return "\n".join([r"\begin{table}[ht]", r"\centering", rf"\caption{{{tex(self.title)}}}",
+                          rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
+                          " & ".join(tex(h) for h in self.header) + r" \\", r"\midrule", *rows,
+                          r"\bottomrule", r"\end{tabular}", r"\end{table}"])
+
+
+def _metric_title(metric: str) -> str:
+    info = metric_info(metric)
+    better = {True: "lower is better", False: "higher is better"}.get(info.lower_is_better, "")
+    return f"{info.label} ({better})" if better else info.label
+
+
+def _best_mask(values: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """True where a cell holds its column's best mean (ties all marked)."""
+    lower = metric_info(metric).lower_is_better
+    if lower is None:
+        return values.map(lambda _: False)
+    best = values.min() if lower else values.max()
+    return values.eq(best, axis="columns") & values.notna()
+
+
+def pivot_table(agg: pd.DataFrame, metric: str, row: str, col: str, cols: list, kind: str,
+                title: str, row_name: str, col_name: str) -> Table:
+    """Rows x columns of mean ± std of ``metric`` with the best cell per column marked."""
+    mean = agg.pivot(index=row, columns=col, values=metric).reindex(columns=cols)
+    std = agg.pivot(index=row, columns=col, values=f"{metric}.std").reindex(columns=cols)
+    n = agg.pivot(index=row, columns=col, values="n").reindex(columns=cols)
+    mean = mean.reindex(list(dict.fromkeys(agg[row])))
+    std, n = std.reindex(mean.index), n.reindex(mean.index)
+    best = _best_mask(mean, metric)
+    header = [row_name, *[f"{col_name} {_short(c)}" for c in cols]]
+    rows, bold = [], []
+    for label in mean.index:
+        rows.append([str(label)] + [fmt_cell(mean.at[label, c], std.at[label, c], 0 if pd.isna(n.at[label, c])
+                                             else int(n.at[label, c])) for c in cols])
+        bold.append([False] + [bool(best.at[label, c]) for c in cols])
+    numbers = pd.DataFrame([{"row": label, col: c, "mean": mean.at[label, c], "std": std.at[label, c],
+                             "n": n.at[label, c], "best": bool(best.at[label, c])}
+                            for label in mean.index for c in cols if pd.notna(mean.at[label, c])])
+    seeds = int(agg["n"].max())
+    note = f"mean ± std over {seeds} seeds where repeated; best per column in bold" if seeds > 1 \
+        else "one seed per cell (no uncertainty); best per column in bold"
+    return Table(kind, title, header, rows, bold, numbers, note, {"metric": metric})
+
+
+def _sorted_rows(agg: pd.DataFrame, extra: list[str]) -> pd.DataFrame:
+    keys = agg["method"].map(method_rank)
+    return agg.assign(_rank=keys).sort_values(["_rank", "label", *extra], kind="stable").drop(columns="_rank")
+
+
+def method_nfe_tables(df: pd.DataFrame, metrics: list[str]) -> list[Table]:
+    """One table per (data, model, metric): a row per method variant, a column per NFE."""
+    tables = []
+    for (data, model), part in sorted(df.groupby(["data", "model"]), key=lambda g: _size_key(df, g[0])):
+        agg = _sorted_rows(aggregate(part, [f"metric.{m}" for m in metrics], {"nfe"}), ["nfe"])
+        nfes = sorted(agg["nfe"].unique())
+        for metric in (m for m in metrics if f"metric.{m}" in agg.columns):
+            col = f"metric.{metric}"
+            if agg[col].isna().all():
+                continue
+            title = f"{data} · {model} · {_metric_title(metric)} by NFE"
+            t = pivot_table(agg.rename(columns={col: metric, f"{col}.std": f"{metric}.std"}), metric,
+                            "label", "nfe", nfes, "method_nfe", title, "method", "NFE")
+            t.meta.update(data=data, model=model)
+            tables.append(t)
+    return tables
+
+
+def axis_tables(df: pd.DataFrame, metrics: list[str], axis: str, kind: str) -> list[Table]:
+    """Guidance sweeps (axis ``guidance``) or model-size scaling (axis ``model``) per data."""
+    tables = []
+    by = ["data", "model"] if axis == "guidance" else ["data"]
+    axes = {axis, "nfe"} | ({"model."} if axis == "model" else set())
+    groups = [(g if isinstance(g, tuple) else (g,), part) for g, part in df.groupby(by)]
+    for group, part in sorted(groups, key=lambda g: _size_key(df, g[0]) if len(g[0]) > 1 else g[0]):
+        if part[axis].nunique() < 2:
+            continue
+        agg = aggregate(part, [f"metric.{m}" for m in metrics] + ["sec_per_sample"], axes)
+        # only variants that were actually swept over the axis
+        swept = agg.groupby(["label", "nfe"])[axis].transform("nunique") > 1
+        agg = agg[swept]
+        if agg.empty:
+            continue
+        agg = _sorted_rows(agg, ["nfe"])
+        agg["row"] = agg["label"] + " @ NFE " + agg["nfe"].astype(str)
+        cols = model_order(agg) if axis == "model" else sorted(agg[axis].unique())
+        for metric in (m for m in metrics if f"metric.{m}" in agg.columns and agg[f"metric.{m}"].notna().any()):
+            col = f"metric.{metric}"
+            where = " · ".join(map(str, group))
+            title = f"{where} · {_metric_title(metric)} by {'guidance scale' if axis == 'guidance' else 'model size'}"
+            t = pivot_table(agg.rename(columns={col: metric, f"{col}.std": f"{metric}.std"}), metric, "row",
+                            axis, cols, kind, title, "method @ NFE", "ω" if axis == "guidance" else "model")
+            t.meta.update(data=group[0])
+            tables.append(t)
+    return tables
+
+
+def pareto_front(cost: pd.Series, quality: pd.Series, lower_is_better: bool) -> pd.Series:
+    """True for points no other point beats on both cost and quality (ties kept)."""
+    q = quality if lower_is_better else -quality
+    front = []
+    for i in cost.index:
+        dominated = ((cost <= cost[i]) & (q <= q[i]) & ((cost < cost[i]) | (q < q[i]))).any()
+        front.append(not dominated and not (math.isnan(cost[i]) or math.isnan(q[i])))
+    return pd.Series(front, index=cost.index)
+
+
+def pareto_tables(df: pd.DataFrame) -> list[Table]:
+    """Per dataset: every configuration's quality against its sampling seconds per sample."""
+    tables = []
+    for data, part in df.groupby("data", sort=True):
+        metric = quality_metric(data)
+        col = f"metric.{metric}"
+        if col not in part.columns or part[col].isna().all():
+            continue
+        agg = aggregate(part, [col, "sec_per_sample"], {"nfe", "guidance", "model", "model."})
+        agg = agg[agg[col].notna()]
+        agg["front"] = pareto_front(agg["sec_per_sample"], agg[col], metric_info(metric).lower_is_better is not False)
+        agg = agg.sort_values(["sec_per_sample", col]).reset_index(drop=True)
+        header = ["method", "model", "NFE", "counted", "ω", "s/sample", metric_info(metric).label, "front"]
+        rows = [[r.label, str(r.model), str(r.nfe), f"{r.nfe_counted:g}", f"{r.guidance:g}",
+                 f"{r.sec_per_sample:.2e}", fmt_cell(r[col], r[f"{col}.std"], int(r.n)),
+                 "✓" if r.front else ""] for _, r in agg.iterrows()]
+        bold = [[bool(r.front)] * len(header) for _, r in agg.iterrows()]
+        numbers = agg[["label", "model", "nfe", "nfe_counted", "guidance", "sec_per_sample", col,
+                       f"{col}.std", "n", "front"]].rename(columns={"label": "method"})
+        title = f"{data} · {_metric_title(metric)} vs. sampling seconds per sample"
+        note = "sorted by sampling cost; bold rows are the Pareto front (nothing is both faster and better)"
+        tables.append(Table("pareto", title, header, rows, bold, numbers, note, {"data": data, "metric": metric}))
+    return tables
+
+
+def comparisons(df: pd.DataFrame, metric: str = "") -> dict[str, list[Table]]:
+    """Every comparison table of a selection, by kind (``method_nfe``, ``guidance``, ...)."""
+    out: dict[str, list[Table]] = {k: [] for k in KINDS}
+    for data, part in df.groupby("data", sort=True):
+        metrics = [metric] if metric else list(table_metrics(data))
+        out["method_nfe"] += method_nfe_tables(part, metrics)
+        out["guidance"] += axis_tables(part, metrics, "guidance", "guidance")
+        out["model_size"] += axis_tables(part, metrics, "model", "model_size")
+    out["pareto"] = pareto_tables(df)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Writing the files
+
+HTML_STYLE = ("body{font-family:sans-serif;margin:2em}table.comparison{border-collapse:collapse;margin:1em 0}"
+              "caption{font-weight:bold;text-align:left;padding:.3em 0}"
+              "th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}"
+              "td:first-child,th:first-child{text-align:left}td.best{background:#e6f4e6}.note{color:#555}")
+
+
+def write_tables(tables: dict[str, list[Table]], out: Path) -> list[Path]:
+    """``<kind>.md/.csv/.tex/.html`` per kind with content; stale files of empty kinds removed."""
+    written = []
+    for kind, items in tables.items():
+        paths = {ext: out / f"{kind}.{ext}" for ext in ("md", "csv", "tex", "html")}
+        if not items:
+            for path in paths.values():
+                path.unlink(missing_ok=True)
+            continue
+        md = [f"# {KINDS[kind]}", ""] + [f"## {t.title}\n\n{t.to_markdown()}\n\n{t.note}\n" for t in items]
+        tex = [t.to_latex() for t in items]
+        body = "".join(f"{t.to_html()}" for t in items)
+        page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{KINDS[kind]}</title>"
+                f"<style>{HTML_STYLE}</style></head><body><h1>{KINDS[kind]}</h1>{body}</body></html>")
+        numbers = pd.concat([t.numbers.assign(table=t.title) for t in items], ignore_index=True)
+        atomic_write_bytes(paths["md"], "\n".join(md).encode())
+        atomic_write_bytes(paths["tex"], ("% generated by python -m benchmark.report; needs \\usepackage{booktabs}\n"
+                                          + "\n\n".join(tex) + "\n").encode())
+        atomic_write_bytes(paths["html"], page.encode())
+        atomic_write_bytes(paths["csv"], numbers.to_csv(index=False).encode())
+        written += paths.values()
+    return written
+
+
+def write_summary(tables: dict[str, list[Table]], plots: list[Path], out: Path, floor: float | None) -> Path:
+    """``report.md``: the headline tables and every plot, ready to paste into a README."""
+    lines = ["# Benchmark report", "", "Generated by `python -m benchmark.report`; do not edit by hand.", ""]
+    for items in tables.values():
+        for t in items:
+            lines += [f"## {t.title}", "", t.to_markdown(), "", t.note, ""]
+    if floor is not None:
+        lines += [f"FD floor (digits test split vs train split): {floor:.3f}", ""]
+    lines += [f"![{p.stem}](plots/{p.name})" for p in plots]
+    path = out / "report.md"
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    return path
+
+
+# ----------------------------------------------------------------------------------------
+# The report notebook
+
+
+# JupyterLab's look without the scripts it would fetch from a CDN (require.js, MathJax,
+# mermaid): the report needs none of them, and the HTML must open offline, in full.
+SELF_CONTAINED_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
+
+
+def html_exporter():
+    """nbconvert's HTML exporter: outputs only (no code), images inline, no remote scripts."""
+    import jinja2
+    from nbconvert import HTMLExporter
+
+    return HTMLExporter(template_name="lab", template_file="self_contained.html.j2",
+                        extra_loaders=[jinja2.DictLoader({"self_contained.html.j2": SELF_CONTAINED_TEMPLATE})],
+                        exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True,
+                        embed_images=True)
+
+
+def execute_notebook(source: Path, target_dir: Path, parameters: dict, cwd: Path) -> tuple[Path, Path]:
+    """Run a jupytext percent script headless (nbclient) with ``parameters`` injected after
+    its ``parameters`` cell; write the executed ``.ipynb`` and a self-contained ``.html``."""
+    try:
+        import jupytext
+        import nbconvert  # noqa: F401  (checked here, used by html_exporter)
+        import nbformat
+        from jupyter_client.kernelspec import NoSuchKernel
+        from jupyter_client.manager import KernelManager
+        from nbclient import NotebookClient
+        from nbclient.exceptions import CellExecutionError
+    except ImportError as err:
+        raise UserError(f"the report notebook needs {err.name}, which is not installed; expected the "
+                        f"reports extra: pip install -e '.[reports]' (or pass --no-notebook)") from None
+    nb = jupytext.read(source)
+    code = "# Parameters\n" + "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
+    cell = nbformat.v4.new_code_cell(code, metadata={"tags": ["injected-parameters"]})
+    at = next((i + 1 for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])), 0)
+    nb.cells.insert(at, cell)
+    stem = target_dir / source.stem
+    try:
+        with tempfile.TemporaryDirectory(prefix="report-kernel-") as sockets:
+            # IPC sockets in a private folder: the kernel listens on no TCP port at all
+            km = KernelManager(kernel_name="python3", transport="ipc", ip=str(Path(sockets) / "kernel"))
+            try:
+                NotebookClient(nb, km=km, timeout=600, resources={"metadata": {"path": str(cwd)}}).execute()
+            finally:  # a kernel manager we pass in is ours to shut down
+                if km.has_kernel:
+                    km.shutdown_kernel(now=True)
+    except NoSuchKernel:
+        raise UserError("no Jupyter kernel 'python3'; expected ipykernel: pip install -e '.[reports]' "
+                        "and python -m ipykernel install --user (or pass --no-notebook)") from None
+    except CellExecutionError as err:
+        atomic_write_bytes(stem.with_suffix(".ipynb"), nbformat.writes(nb).encode())
+        last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise RuntimeError(f"the report notebook failed ({last}); the partial notebook is "
+                           f"{stem.with_suffix('.ipynb')}") from None
+    atomic_write_bytes(stem.with_suffix(".ipynb"), nbformat.writes(nb).encode())
+    body, _ = html_exporter().from_notebook_node(nb)
+    atomic_write_bytes(stem.with_suffix(".html"), body.encode())
+    return stem.with_suffix(".ipynb"), stem.with_suffix(".html")
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+
+
+@dataclass
+class Options:
+    results_dir: Path = Path("results")
+    out: Path | None = None
+    notebook_dir: Path = REPO / "reports"
+    metric: str = ""
+    notebook: bool = True
+    filters: list[str] = field(default_factory=list)
+
+
+def parse_args(argv: list[str]) -> Options:
+    opts = Options()
+    for arg in argv:
+        if arg.startswith("-"):
+            if arg != "--no-notebook":
+                raise UserError(f"unknown flag {arg}; expected --no-notebook or --help")
+            opts.notebook = False
+            continue
+        key, _, value = arg.partition("=")
+        if key in OPTIONS:
+            if not value:
+                raise UserError(f"{key}= needs a value; expected e.g. {key}=results")
+            setattr(opts, key, value if key == "metric" else Path(value))
+        else:
+            opts.filters.append(arg)
+    opts.out = opts.out or opts.results_dir / "report"
+    return opts
+
+
+def help_text() -> str:
+    return "\n".join([
+        USAGE, "", "Rebuild the results table and write comparison tables, plots and the report notebook.", "",
+        "filters: column=value[,value...] keeps rows whose column holds one of the values, e.g.",
+        "  method=fm,imf  data=digits  model=dit-tiny  nfe=1,2  guidance=1  seed=0  train.steps=3000", "",
+        "options:",
+        "  results_dir=DIR   where the runs are (default results/)",
+        "  out=DIR           where tables and plots go (default <results_dir>/report)",
+        "  notebook_dir=DIR  where the executed notebook and its HTML go (default reports/)",
+        "  metric=NAME       tabulate only this metric (fd, kid, class_acc, swd, mmd, ...)",
+        "  --no-notebook     skip executing reports/benchmark_report.py", "",
+        "example: python -m benchmark.report data=digits method=fm,meanflow,imf"])
+
+
+def run(opts: Options) -> dict:
+    """Everything ``main`` does, returning what was written (for tests and the notebook)."""
+    from benchmark import plots
+
+    if not any(Path(opts.results_dir).glob("runs/*/evals/*.json")):
+        raise UserError(f"no evaluation records under {opts.results_dir}/runs, so the results table would be "
+                        f"empty; expected some: run e.g. python -m benchmark.run method=fm nfe=1,2 "
+                        f"results_dir={opts.results_dir} first")
+    table_path = rebuild(opts.results_dir)
+    df = read_table(table_path)
+    filters = parse_filters(opts.filters, df)
+    selection = select(df, filters)
+    if opts.metric and f"metric.{opts.metric}" not in selection.columns:
+        held = sorted(c.removeprefix("metric.") for c in selection.columns if c.startswith("metric."))
+        raise UserError(f"metric={opts.metric} is not in the selected records; expected one of {', '.join(held)}")
+    out = Path(opts.out)
+    atomic_write_bytes(out / "selection.csv", selection.to_csv(index=False).encode())
+    tables = comparisons(selection, opts.metric)
+    written = write_tables(tables, out)
+    curves = read_table(table_path.parent / "curves.parquet")
+    figures = plots.write_plots(selection, curves, opts.results_dir, out / "plots", opts.metric)
+    floor = selection["metric.fd_floor"].min() if "metric.fd_floor" in selection.columns else None
+    summary = write_summary(tables, figures, out, None if floor is None or pd.isna(floor) else float(floor))
+    result = {"table": table_path, "rows": len(selection), "tables": written, "plots": figures, "summary": summary}
+    if opts.notebook:
+        params = {"table": str(table_path.resolve()), "filters": filters, "metric": opts.metric}
+        result["notebook"], result["html"] = execute_notebook(NOTEBOOK_SOURCE, Path(opts.notebook_dir), params, REPO)
+        result["published"] = publish(summary, figures, Path(opts.notebook_dir))
+    return result
+
+
+def publish(summary: Path, figures: list[Path], target: Path) -> Path:
+    """Copy the summary and its plots beside the notebook (``reports/``), where the README
+    can show them: ``benchmark_report.md`` and ``benchmark_report_figures/*.png``."""
+    folder = target / "benchmark_report_figures"
+    for path in figures:
+        atomic_write_bytes(folder / path.name, path.read_bytes())
+    for stale in set(folder.glob("*.png")) - {folder / p.name for p in figures}:
+        stale.unlink()
+    text = summary.read_text().replace("](plots/", f"]({folder.name}/")
+    atomic_write_bytes(target / "benchmark_report.md", text.encode())
+    return target / "benchmark_report.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if "--help" in argv or "-h" in argv:
+            print(help_text())
+            return 0
+        result = run(parse_args(argv))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    counts = {k: 0 for k in KINDS}
+    for path in result["tables"]:
+        counts[path.stem] += path.suffix == ".md"
+    print(f"{result['rows']} evaluation(s) from {result['table']}")
+    print(f"tables: {', '.join(k for k, v in counts.items() if v) or 'none'} -> {result['summary'].parent} "
+          f"(.md .csv .tex .html); summary {result['summary']}")
+    print(f"plots: {len(result['plots'])} -> {result['summary'].parent / 'plots'}")
+    if "html" in result:
+        print(f"notebook: {result['notebook']}; html: {result['html']}; summary for the README: "
+              f"{result['published']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

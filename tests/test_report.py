@@ -1,0 +1,287 @@
+"""The results table, the comparison tables, the plots and the executed report, all built
+from real records of a tiny toy sweep (two methods x two NFE, trained for seconds)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchmark import report
+from benchmark.table import build_table, read_table, rebuild
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+NO_CHROMIUM = "headless Chromium not installed (apt-get install -y --no-install-recommends chromium)"
+_SWEEP: dict[str, Path] = {}
+
+
+def toy_sweep(factory: pytest.TempPathFactory) -> Path:
+    """Results dir of a real sweep (fm, meanflow) x (NFE 1, 2) on a 1-D Gaussian, mirrored to
+    MLflow; built once per session and shared with tests/test_dashboard.py."""
+    if "results" not in _SWEEP:
+        from benchmark.run import main
+
+        results = factory.mktemp("toy-sweep") / "results"
+        code = main(["data=gaussian1d", "model=mlp", "train=toy", "train.steps=60", "train.ckpt_every=30",
+                     "train.progress=false", "eval.num_samples=200", "tracking.enabled=true",
+                     "method=fm,meanflow", "nfe=1,2", f"results_dir={results}"])
+        assert code == 0
+        _SWEEP["results"] = results
+    return _SWEEP["results"]
+
+
+@pytest.fixture(scope="session")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return toy_sweep(tmp_path_factory)
+
+
+def records(results: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(results.glob("runs/*/evals/*.json"))]
+
+
+def record_of(results: Path, method: str, nfe: int) -> dict:
+    return next(r for r in records(results) if r["method"] == method and r["nfe"] == nfe)
+
+
+@pytest.fixture(scope="session")
+def built(results: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One full ``python -m benchmark.report`` run, notebook included."""
+    notebooks = tmp_path_factory.mktemp("notebooks")
+    argv = [f"results_dir={results}", f"notebook_dir={notebooks}"]
+    assert report.main(argv) == 0
+    return {"out": results / "report", "notebooks": notebooks}
+
+
+# ----------------------------------------------------------------------------------------
+# The long-format table
+
+
+def test_table_has_one_row_per_record_with_its_parameters_metrics_and_provenance(results: Path) -> None:
+    table = read_table(rebuild(results))
+    assert len(table) == 4 == len(records(results))
+    for column in ("method", "model", "data", "seed", "nfe", "nfe_counted", "guidance", "train.steps",
+                   "train.lr", "method.time_sampler", "eval.num_samples", "eval.seed", "metric.swd",
+                   "metric.mmd", "sample_seconds", "sec_per_sample", "train_seconds", "prov.git",
+                   "prov.torch", "prov.device", "prov.date"):
+        assert column in table.columns, column
+    rec = record_of(results, "meanflow", 2)
+    row = table[(table["method"] == "meanflow") & (table["nfe"] == 2)].iloc[0]
+    assert row["metric.swd"] == rec["metrics"]["swd"]
+    assert row["metric.mmd"] == rec["metrics"]["mmd"]
+    assert row["nfe_counted"] == 2.0 and row["train.steps"] == 60 and row["eval.num_samples"] == 200
+    assert row["prov.torch"] == rec["provenance"]["torch"]
+    assert row["method.adaptive_p"] == rec["method_train"]["adaptive_p"]
+    assert (results / row["grid"]).is_file()
+    # the CSV twin holds the same numbers
+    csv = pd.read_csv(results / "tables" / "results.csv")
+    assert np.allclose(sorted(csv["metric.swd"]), sorted(table["metric.swd"]), rtol=1e-12)
+    curves = read_table(results / "tables" / "curves.parquet")
+    assert set(curves["train_key"]) == set(table["train_key"]) and (curves["loss"] > 0).all()
+
+
+def test_table_rebuilds_from_the_records_after_the_tables_are_deleted(results: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "results"
+    shutil.copytree(results / "runs", copy / "runs")
+    first = build_table(copy)
+    rebuild(copy)
+    shutil.rmtree(copy / "tables")
+    again = read_table(rebuild(copy))
+    assert again["metric.swd"].tolist() == first["metric.swd"].tolist()
+
+
+def test_a_corrupt_record_is_one_clear_error(results: Path, tmp_path: Path, capsys) -> None:
+    copy = tmp_path / "results"
+    shutil.copytree(results / "runs", copy / "runs")
+    bad = next(copy.glob("runs/*/evals/*.json"))
+    bad.write_text("{ not json")
+    assert report.main([f"results_dir={copy}", "--no-notebook"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and bad.name in err[0] and "delete it" in err[0]
+
+
+# ----------------------------------------------------------------------------------------
+# Comparison tables
+
+
+def test_method_by_nfe_table_holds_the_records_values_and_marks_the_best(built: dict, results: Path) -> None:
+    numbers = pd.read_csv(built["out"] / "method_nfe.csv")
+    swd = numbers[numbers["table"].str.contains("SWD")]
+    for method in ("fm", "meanflow"):
+        for nfe in (1, 2):
+            cell = swd[(swd["row"] == method) & (swd["nfe"] == nfe)].iloc[0]
+            assert cell["mean"] == pytest.approx(record_of(results, method, nfe)["metrics"]["swd"], rel=1e-12)
+            assert cell["n"] == 1
+    for nfe in (1, 2):
+        column = swd[swd["nfe"] == nfe]
+        assert column.loc[column["mean"].idxmin(), "best"] and column["best"].sum() == 1
+    best = swd[swd["best"]].iloc[0]
+    markdown = (built["out"] / "method_nfe.md").read_text()
+    assert f"**{report.fmt(best['mean'])}**" in markdown
+    assert "| method | NFE 1 | NFE 2 |" in markdown
+    assert rf"\textbf{{{report.fmt(best['mean'])}}}" in (built["out"] / "method_nfe.tex").read_text()
+    assert f"<b>{report.fmt(best['mean'])}</b>" in (built["out"] / "method_nfe.html").read_text()
+
+
+def test_pareto_front_keeps_exactly_the_points_nothing_beats_on_cost_and_quality(built: dict) -> None:
+    points = pd.read_csv(built["out"] / "pareto.csv")
+    assert len(points) == 4 and points["front"].any()
+    for _, p in points.iterrows():
+        beaten = ((points["sec_per_sample"] <= p["sec_per_sample"]) & (points["metric.swd"] <= p["metric.swd"])
+                  & ((points["sec_per_sample"] < p["sec_per_sample"]) | (points["metric.swd"] < p["metric.swd"])))
+        assert p["front"] == (not beaten.any())
+
+
+def test_repeated_seeds_give_mean_and_sample_std_per_cell(results: Path) -> None:
+    table = read_table(rebuild(results))
+    second = table.assign(seed=1, **{"metric.swd": table["metric.swd"] + 0.1})
+    tables = report.method_nfe_tables(pd.concat([table, second], ignore_index=True), ["swd"])
+    [t] = tables
+    cell = t.numbers[(t.numbers["row"] == "fm") & (t.numbers["nfe"] == 1)].iloc[0]
+    value = table[(table["method"] == "fm") & (table["nfe"] == 1)]["metric.swd"].iloc[0]
+    assert cell["n"] == 2
+    assert cell["mean"] == pytest.approx(value + 0.05)
+    assert cell["std"] == pytest.approx(0.1 / np.sqrt(2))
+    assert f"{report.fmt(value + 0.05)} ± {report.fmt(0.1 / np.sqrt(2))}" in t.to_markdown()
+
+
+def test_model_size_table_appears_when_two_sizes_were_evaluated(results: Path) -> None:
+    table = read_table(rebuild(results))
+    wide = table.assign(model="mlp-wide", **{"model.width": 256, "metric.swd": table["metric.swd"] / 2})
+    [swd, _mmd] = report.axis_tables(pd.concat([table, wide], ignore_index=True), ["swd", "mmd"], "model",
+                                     "model_size")
+    assert swd.header == ["method @ NFE", "model mlp", "model mlp-wide"]
+    assert [r[0] for r in swd.rows] == ["fm @ NFE 1", "fm @ NFE 2", "meanflow @ NFE 1", "meanflow @ NFE 2"]
+    numbers = swd.numbers.pivot(index="row", columns="model", values="mean")
+    assert np.allclose(numbers["mlp-wide"], numbers["mlp"] / 2)
+    for j, model in enumerate(["mlp", "mlp-wide"], start=1):  # the best method at each size
+        marked = [r[0] for r, b in zip(swd.rows, swd.bold) if b[j]]
+        assert marked == [numbers[model].idxmin()]
+    assert report.axis_tables(table, ["swd"], "model", "model_size") == []
+
+
+# ----------------------------------------------------------------------------------------
+# Filters and mistakes
+
+
+def test_filters_keep_only_matching_rows_in_every_output(results: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    assert report.main([f"results_dir={results}", f"out={out}", "method=meanflow", "nfe=2", "--no-notebook"]) == 0
+    selection = pd.read_csv(out / "selection.csv")
+    assert selection[["method", "nfe"]].values.tolist() == [["meanflow", 2]]
+    numbers = pd.read_csv(out / "method_nfe.csv")
+    assert set(numbers["row"]) == {"meanflow"} and set(numbers["nfe"]) == {2}
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["method=imf"], ["method=imf", "fm, meanflow"]),
+        (["nfe=8"], ["nfe=8", "1, 2"]),
+        (["nfe=abc"], ["nfe='abc'", "not a number"]),
+        (["nosuch=1"], ["nosuch", "method"]),
+        (["metric=fd"], ["metric=fd", "swd"]),
+        (["--bogus"], ["--bogus", "--no-notebook"]),
+    ],
+)
+def test_a_filter_that_matches_nothing_is_one_line_exit_2(results: Path, tmp_path: Path, capsys,
+                                                         args: list[str], names: list[str]) -> None:
+    code = report.main([f"results_dir={results}", f"out={tmp_path / 'r'}", "--no-notebook", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ")
+    for name in names:
+        assert name in err[0]
+
+
+def test_an_empty_results_dir_is_one_line_exit_2_without_traceback(tmp_path: Path) -> None:
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "benchmark.report", f"results_dir={tmp_path}", "--no-notebook"],
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "no evaluation records" in lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "tables").exists()  # nothing written for nothing
+
+
+def test_an_empty_table_reads_back_empty_with_its_columns(tmp_path: Path) -> None:
+    (tmp_path / "runs").mkdir()
+    table = read_table(rebuild(tmp_path))
+    assert table.empty and {"method", "nfe", "train_key", "sec_per_sample"} <= set(table.columns)
+    with pytest.raises(report.UserError, match="results table is empty"):
+        report.select(table, {})
+
+
+# ----------------------------------------------------------------------------------------
+# Plots and the executed notebook
+
+
+def test_plots_are_written_for_nfe_cost_curves_and_samples(built: dict) -> None:
+    from PIL import Image
+
+    plots = built["out"] / "plots"
+    names = sorted(p.name for p in plots.glob("*.png"))
+    assert names == ["samples__gaussian1d__mlp.png", "swd_vs_cost__gaussian1d.png",
+                     "swd_vs_nfe__gaussian1d.png", "training_curves__gaussian1d.png"]
+    for name in names:
+        pixels = np.asarray(Image.open(plots / name).convert("L"), dtype=float)
+        assert pixels.shape[0] > 200 and pixels.shape[1] > 300 and pixels.std() > 10, name
+    summary = (built["out"] / "report.md").read_text()
+    assert "![swd_vs_nfe__gaussian1d](plots/swd_vs_nfe__gaussian1d.png)" in summary
+
+
+def test_notebook_runs_headless_into_a_self_contained_html(built: dict, results: Path) -> None:
+    import nbformat
+
+    nb = nbformat.read(built["notebooks"] / "benchmark_report.ipynb", as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4
+    injected = next(c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", []))
+    assert str(results.resolve() / "tables" / "results.parquet") in injected.source
+    page = (built["notebooks"] / "benchmark_report.html").read_text()
+    assert "<script src=\"http" not in page and "cdnjs" not in page  # nothing fetched when opened
+    assert page.count("data:image/png;base64,") >= 4
+    value = report.fmt(record_of(results, "fm", 1)["metrics"]["swd"])
+    assert value in page
+    # the README's copy: the summary tables with the plots beside the notebook
+    summary = (built["notebooks"] / "benchmark_report.md").read_text()
+    assert value in summary
+    assert "](benchmark_report_figures/swd_vs_nfe__gaussian1d.png)" in summary
+    assert (built["notebooks"] / "benchmark_report_figures" / "swd_vs_nfe__gaussian1d.png").is_file()
+
+
+def screenshot(target: str, png: Path, *extra: str, size: str = "1400,2000", timeout: int = 90) -> np.ndarray:
+    """Headless Chromium's screenshot of ``target`` as an (H, W, 3) array."""
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+        subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                        "--disable-sync", f"--user-data-dir={profile}", f"--screenshot={png}",
+                        f"--window-size={size}", *extra, target],
+                       capture_output=True, timeout=timeout, check=False)
+    assert png.is_file() and png.stat().st_size > 20_000, f"no useful screenshot of {target}"
+    return np.asarray(Image.open(png).convert("RGB"), dtype=int)
+
+
+def colourful(pixels: np.ndarray) -> int:
+    """Strongly coloured pixels: plot lines and markers (tables are black on grey or pale)."""
+    return int(((pixels.max(axis=2) - pixels.min(axis=2)) > 80).sum())
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
+def test_report_html_opens_in_headless_chromium_showing_the_table_and_the_plot(built: dict, tmp_path: Path) -> None:
+    html = built["notebooks"] / "benchmark_report.html"
+    pixels = screenshot(html.resolve().as_uri(), tmp_path / "report.png")
+    dark = int((pixels.max(axis=2) < 90).sum())  # text: headings and the table's numbers
+    assert pixels.std() > 20
+    assert dark > 5_000, "no text rendered"
+    assert colourful(pixels) > 2_000, "no plot rendered (no coloured lines or markers)"
