@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.plan import EvalJob, TrainingJob
-from benchmark.schema import LauncherConfig
+from benchmark.schema import LauncherConfig, UserError
 from benchmark.store import Store
 
 try:  # submitit is a dependency; the import is here so Checkpointable can be the base
@@ -133,8 +133,7 @@ def run_submitit(tasks: list[tuple[str, Callable]], cfg: LauncherConfig, folder:
     while pending or running:
         if pending and len(running) < limit:
             batch, pending = pending[:limit - len(running)], pending[limit - len(running):]
-            with executor.batch():
-                submitted = [(name, executor.submit(task)) for name, task in batch]
+            submitted = _submit(executor, batch, cfg)
             for name, job in submitted:
                 print(f"  submitted {name} as job {job.job_id}", flush=True)
             running += submitted
@@ -151,15 +150,45 @@ def run_submitit(tasks: list[tuple[str, Callable]], cfg: LauncherConfig, folder:
     return [outcomes[name] for name, _ in tasks]
 
 
+def _submit(executor, batch: list[tuple[str, Callable]], cfg: LauncherConfig) -> list[tuple[str, Any]]:
+    """Submit ``batch`` at once (one SLURM array).  sbatch refusing it (an unknown partition
+    or account, GPUs the cluster lacks, no SLURM here) is a user mistake: one line."""
+    try:
+        with executor.batch():
+            return [(name, executor.submit(task)) for name, task in batch]
+    except Exception as err:  # submitit's FailedJobError carries sbatch's stderr; OSError: no sbatch
+        if cfg.name != "slurm":
+            raise
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        said = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else type(err).__name__)
+        raise UserError(f"sbatch refused the jobs: {said[:300]}; expected launcher settings this cluster "
+                        f"accepts: check launcher.partition, launcher.gpus_per_node, launcher.mem_gb, "
+                        f"launcher.additional and that SLURM_CONF names the cluster") from None
+
+
 def _outcome(name: str, job) -> Outcome:
     try:
         job.result()
         return Outcome(name, True)
     except Exception as err:  # FailedJobError (raised inside), UncompletedJobError (cancelled, killed)
-        first = str(err).strip().splitlines()
-        tail = [ln for ln in first if ln.strip()][-1:] if first else [type(err).__name__]
+        job.done(force_check=True)  # the cached state can be a minute old (e.g. RUNNING)
         state = getattr(job, "state", "?")
-        return Outcome(name, False, f"job {job.job_id} ({state}): {tail[0][:300]}")
+        return Outcome(name, False, f"job {job.job_id} ({state}): {_reason(err)}; log: {job.paths.stderr}")
+
+
+def _reason(err: Exception) -> str:
+    """One line that says why a job failed.  A FailedJobError quotes the task's traceback
+    between two rules and then lists log paths: take the traceback's last line (the
+    exception).  An UncompletedJobError means the job ended without a result."""
+    from submitit.core.utils import UncompletedJobError
+
+    if isinstance(err, UncompletedJobError):
+        return "ended without a result (cancelled, killed, or out of time and not requeued)"
+    text, rule = str(err), "-" * 22
+    if text.count(rule) >= 2:
+        text = text.split(rule)[1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else type(err).__name__
 
 
 LAUNCHERS = {"inline": run_inline, "local": run_submitit, "slurm": run_submitit}

@@ -105,54 +105,55 @@ def execute(plan: Plan, store: Store, force: bool = False) -> tuple[list[dict], 
     to MLflow from this process.  Returns the records that exist and the failure count."""
     from benchmark.launch import launch
 
-    rank = _join_torchrun(plan) if _torchrun_world() > 1 else 0
-    if rank == 0:
+    torchrun = _torchrun_world() > 1  # torchrun: every rank runs this; rank 0 leads
+    dist = _join_torchrun(plan) if torchrun else None
+    if dist is None or dist.is_main():
         if force:
             for job in plan.trainings:
                 _forget(store, job, [ev for ev in plan.evaluations if ev.train_key == job.key])
         for job in plan.trainings:
             if not store.is_trained(job.key):
                 store.write_config(job.key, {"identity": job.identity})
-    if _torchrun_world() > 1:
-        from benchmark import distributed
-
-        distributed.barrier()  # the others see the run folders only after rank 0 has prepared them
-        if rank != 0:
+    if dist is not None:
+        dist.barrier()  # the others look at the run folders only once rank 0 has prepared them
+        if not dist.is_main():
             _follow_trainings(plan, store)
             return [], 0
     failed = launch(plan.trainings, plan.evaluations, store, plan.trainings[0].config.launcher)
-    if _torchrun_world() > 1:
-        distributed.shutdown()
+    if dist is not None:
+        dist.shutdown()
     records = collect(plan, store)
     mirror(plan, store)
     return records, len(failed)
 
 
 def _torchrun_world() -> int:
-    """The process count torchrun started (1 without torchrun: then torch is not imported here)."""
+    """The process count torchrun started (1 without torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _join_torchrun(plan: Plan) -> int:
-    """Join the torchrun process group; this process's rank (0 leads, the others follow)."""
+def _join_torchrun(plan: Plan):
+    """Join the torchrun process group; the ``benchmark.distributed`` module (imported only
+    here, so a driver without torchrun never imports torch for this)."""
     from benchmark import distributed
 
-    rank, world, _ = distributed.init_from_env()
+    _, world, _ = distributed.init_from_env()
     launcher = plan.trainings[0].config.launcher.name
     if launcher != "inline":
         raise UserError(f"launcher={launcher} under torchrun ({world} processes); expected "
                         f"launcher=inline: the processes train together in this job")
-    return rank
+    return distributed
 
 
 def _follow_trainings(plan: Plan, store: Store) -> None:
     """A non-zero rank: join rank 0's trainings (launch's phase 1, same jobs, same order)
     and nothing else; rank 0 alone writes, evaluates, mirrors and prints the table."""
     from benchmark import distributed
-    from benchmark.train import train
+    from benchmark.launch import TrainTask, job_threads
 
+    threads = job_threads(plan.trainings[0].config.launcher)  # as rank 0's task: ranks must agree bit for bit
     for job in [j for j in plan.trainings if not store.is_trained(j.key)]:
-        train(job, store)
+        TrainTask(job, str(store.root), threads)()
     distributed.shutdown()
 
 

@@ -1,10 +1,17 @@
 """The training engine: one loop for every method.
 
 AdamW, linear warmup then constant or cosine learning rate, gradient clipping, EMA of the
-weights.  Every step is reseeded from (seed, rank, step), and the latest state is written
-atomically every ``ckpt_every`` steps, so a run stopped anywhere and started again with
-the same command follows the uninterrupted run's path exactly.  A NaN or inf loss stops
-the run with a message naming the step; nothing of a failed run is cached.
+weights.  Every step is reseeded from (seed, micro-batch, step), and the latest state is
+written atomically every ``ckpt_every`` steps, so a run stopped anywhere and started again
+with the same command follows the uninterrupted run's path exactly.  A NaN or inf loss
+stops the run with a message naming the step; nothing of a failed run is cached.
+
+Data parallel (torchrun or a multi-task submitit job, ``benchmark.distributed``): the
+global batch is ``train.micro_batches`` micro-batches, each seeded by its own index, and
+the processes share them out (gradient accumulation within a process, a manual gradient
+all-reduce across processes; no DDP wrapper, which the JVP methods would bypass).  The
+trained weights therefore depend on the config alone, not on the number of processes.
+Rank 0 alone writes checkpoints, the curve and ``final.pt``, and shows the progress bar.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmark import distributed
 from benchmark.backbones import build_backbone
 from benchmark.data import Dataset, load_dataset
 from benchmark.plan import TrainingJob
@@ -57,7 +65,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device=cuda but no CUDA device is visible; expected train.device=cpu or auto")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and distributed.world_size() > 1:
+        return torch.device("cuda", distributed.local_device_index())  # one GPU per rank
+    return device
 
 
 def build_trainee(cfg: RunConfig, method_name: str, method_train: dict) -> Trainee:
@@ -74,10 +85,26 @@ def build_trainee(cfg: RunConfig, method_name: str, method_train: dict) -> Train
     return Trainee(dataset, method, net, ema, device)
 
 
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """A 63-bit seed for one training step, independent of anything but its arguments."""
-    digest = hashlib.sha256(f"train/{seed}/{rank}/{step}".encode()).digest()
+def step_seed(seed: int, micro_batch: int, step: int) -> int:
+    """A 63-bit seed for one micro-batch of one training step, independent of anything but
+    its arguments (micro-batch 0 of a one-micro-batch run is the historical rank 0)."""
+    digest = hashlib.sha256(f"train/{seed}/{micro_batch}/{step}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def micro_batch_split(train: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(examples per micro-batch, micro-batches per process) for ``world_size`` processes;
+    a batch or micro-batch count that does not divide evenly is a UserError."""
+    n = train.micro_batches
+    if train.batch_size % n:
+        raise UserError(f"train.batch_size={train.batch_size} does not split into train.micro_batches={n} "
+                        f"equal micro-batches; expected a multiple of {n}: set train.batch_size="
+                        f"{max(n, train.batch_size - train.batch_size % n)} or another train.micro_batches")
+    if n % world_size:
+        raise UserError(f"train.micro_batches={n} does not split over {world_size} processes; expected "
+                        f"a multiple of {world_size}: set train.micro_batches={world_size * -(-n // world_size)} "
+                        f"(a different micro-batch count is a different run) or a process count that divides {n}")
+    return train.batch_size // n, n // world_size
 
 
 def learning_rate(train: TrainConfig, step: int) -> float:
@@ -137,16 +164,27 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def train(job: TrainingJob, store: Store, *, stop_after: int | None = None, rank: int = 0) -> None:
+def train(job: TrainingJob, store: Store, *, stop_after: int | None = None) -> Trainee | None:
     """Train ``job`` to ``train.steps`` (or stop after step ``stop_after`` for tests),
-    resuming from the run folder's latest state.  Writes ``final.pt`` when done."""
-    with run_lock(store.run_dir(job.key)):
-        if not store.is_trained(job.key):
-            _train_locked(job, store, stop_after, rank)
+    resuming from the run folder's latest state.  Writes ``final.pt`` when done.  Returns
+    this process's trained networks, or None when the run was already trained.
+
+    Under torchrun every process calls this for the same jobs in the same order; rank 0
+    holds the run lock and decides (for all) whether the run is already trained."""
+    rank, world, _ = distributed.init_from_env()
+    micro_batch_split(job.config.train, world)  # a bad split fails on every rank, before any collective
+    lock = run_lock(store.run_dir(job.key)) if rank == 0 else contextlib.nullcontext()
+    with lock:
+        distributed.check_same(job.key, "the run being trained")
+        if not distributed.from_main(store.is_trained(job.key) if rank == 0 else 0):
+            return _train_locked(job, store, stop_after, rank, world)
+    return None
 
 
-def _train_locked(job: TrainingJob, store: Store, stop_after: int | None, rank: int) -> None:
+def _train_locked(job: TrainingJob, store: Store, stop_after: int | None, rank: int, world: int) -> Trainee:
     cfg, tc = job.config, job.config.train
+    size, per_rank = micro_batch_split(tc, world)
+    micro = range(rank * per_rank, (rank + 1) * per_rank)  # this process's micro-batch indices
     if tc.threads:
         torch.set_num_threads(tc.threads)
     t = build_trainee(cfg, job.method_name, job.method_train)
@@ -154,7 +192,7 @@ def _train_locked(job: TrainingJob, store: Store, stop_after: int | None, rank: 
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     start, curve, seconds, window = 0, [], 0.0, []
     state_path = store.state_path(job.key)
-    if state_path.is_file():
+    if distributed.from_main(state_path.is_file() if rank == 0 else 0):  # all ranks load rank 0's state
         state = load_state(state_path, t.device)
         t.net.load_state_dict(state["net"])
         t.ema.load_state_dict(state["ema"])
@@ -162,12 +200,14 @@ def _train_locked(job: TrainingJob, store: Store, stop_after: int | None, rank: 
         opt.load_state_dict(state["opt"])
         start, curve, seconds = state["step"], state["curve"], state["seconds"]
         window = state["window"]  # losses since the last curve point
-        print(f"resuming {job.key} from step {start}", file=sys.stderr, flush=True)
+        if rank == 0:
+            print(f"resuming {job.key} from step {start}", file=sys.stderr, flush=True)
+    distributed.check_same(start, "the step to resume from")
 
-    bar = _progress(tc, start, f"train {job.method_name} {job.key}")
+    bar = _progress(tc, start, f"train {job.method_name} {job.key}", show=rank == 0)
     tick = time.perf_counter()
     for step in range(start, tc.steps):
-        loss = _train_step(t, opt, params, tc, cfg.seed, rank, step)
+        loss = _train_step(t, opt, params, tc, cfg.seed, step, micro, size)
         window.append(loss)
         bar.update(1)
         if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
@@ -178,30 +218,37 @@ def _train_locked(job: TrainingJob, store: Store, stop_after: int | None, rank: 
         if (step + 1) % tc.ckpt_every == 0 or done:
             now = time.perf_counter()
             seconds, tick = seconds + now - tick, now
-            save_state(state_path, {"net": t.net.state_dict(), "ema": t.ema.state_dict(),
-                                    "method": t.method.state_dict(), "opt": opt.state_dict(),
-                                    "step": step + 1, "curve": curve, "seconds": seconds,
-                                    "window": window})
+            distributed.check_replicas(params, step + 1)  # a skipped all-reduce is caught, not saved
+            if rank == 0:
+                save_state(state_path, {"net": t.net.state_dict(), "ema": t.ema.state_dict(),
+                                        "method": t.method.state_dict(), "opt": opt.state_dict(),
+                                        "step": step + 1, "curve": curve, "seconds": seconds,
+                                        "window": window})
         if step + 1 == stop_after:
             break
     bar.close()
-    if start >= tc.steps or (stop_after is None or stop_after >= tc.steps):
+    if rank == 0 and (start >= tc.steps or (stop_after is None or stop_after >= tc.steps)):
         _write_final(store, job, t, curve, seconds)
+    return t
 
 
-def _train_step(t: Trainee, opt, params, tc: TrainConfig, seed: int, rank: int, step: int) -> float:
-    s = step_seed(seed, rank, step)
-    data_gen = torch.Generator().manual_seed(s)
-    method_gen = torch.Generator(device=t.device).manual_seed(s ^ 0x5DEECE66D)
-    batch = draw_batch(t.dataset, tc.batch_size, data_gen, t.device)
+def _train_step(t: Trainee, opt, params, tc: TrainConfig, seed: int, step: int,
+                micro: range, size: int) -> float:
+    """One optimizer step over this process's micro-batches ``micro`` (``size`` examples
+    each); returns the global batch's mean loss (the same on every rank)."""
+    opt.zero_grad(set_to_none=True)
     t.net.train()
-    loss, _ = t.method.loss(t.net, batch, step=step, generator=method_gen, ema_net=t.ema)
-    value = loss.item()
+    total, local = tc.micro_batches, 0.0
+    for m in micro:
+        loss = _micro_batch_loss(t, seed, m, step, size)
+        local += loss.item()
+        # each micro-batch weighs 1/total, so the (all-reduced) sum is the global mean gradient
+        (loss / total if total > 1 else loss).backward()
+    value = distributed.all_reduce_mean(local / len(micro))  # every rank gets the same value
     if not math.isfinite(value):
         raise TrainingDiverged(f"training loss is {value} at step {step}; lower train.lr, keep "
                                f"train.grad_clip > 0, or check the method's settings")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
+    distributed.all_reduce_grads(params)
     if tc.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
     for group in opt.param_groups:
@@ -212,10 +259,21 @@ def _train_step(t: Trainee, opt, params, tc: TrainConfig, seed: int, rank: int, 
     return value
 
 
-def _progress(tc: TrainConfig, start: int, desc: str):
+def _micro_batch_loss(t: Trainee, seed: int, m: int, step: int, size: int) -> torch.Tensor:
+    """The method's scalar loss on micro-batch ``m`` of ``step``: data indices and the
+    method's randomness are both seeded from (seed, m, step) alone."""
+    s = step_seed(seed, m, step)
+    data_gen = torch.Generator().manual_seed(s)
+    method_gen = torch.Generator(device=t.device).manual_seed(s ^ 0x5DEECE66D)
+    batch = draw_batch(t.dataset, size, data_gen, t.device)
+    loss, _ = t.method.loss(t.net, batch, step=step, generator=method_gen, ema_net=t.ema)
+    return loss
+
+
+def _progress(tc: TrainConfig, start: int, desc: str, show: bool = True):
     from tqdm.auto import tqdm
 
-    return tqdm(total=tc.steps, initial=start, desc=desc, disable=not tc.progress,
+    return tqdm(total=tc.steps, initial=start, desc=desc, disable=not (tc.progress and show),
                 leave=False, dynamic_ncols=True, mininterval=1.0)
 
 
