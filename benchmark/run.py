@@ -100,7 +100,7 @@ def _fmt(v) -> str:
 # Executing
 
 
-def execute(plan: Plan, store: Store, force: bool = False) -> tuple[list[dict], int]:
+def execute(plan: Plan, store: Store, force: bool = False, sweep: str = "") -> tuple[list[dict], int]:
     """Train and evaluate what is missing through the launcher, then mirror every record
     to MLflow from this process.  Returns the records that exist and the failure count."""
     from benchmark.launch import launch
@@ -123,7 +123,7 @@ def execute(plan: Plan, store: Store, force: bool = False) -> tuple[list[dict], 
     if dist is not None:
         dist.shutdown()
     records = collect(plan, store)
-    mirror(plan, store)
+    mirror(plan, store, sweep)
     return records, len(failed)
 
 
@@ -163,7 +163,7 @@ def collect(plan: Plan, store: Store) -> list[dict]:
             if store.has_eval(ev.train_key, ev.key)]
 
 
-def mirror(plan: Plan, store: Store) -> None:
+def mirror(plan: Plan, store: Store, sweep: str = "") -> None:
     """Mirror finished trainings and evaluations to MLflow (idempotent; never fatal)."""
     from benchmark.tracking import Tracker
 
@@ -172,7 +172,7 @@ def mirror(plan: Plan, store: Store) -> None:
         if not (job.config.tracking.enabled and store.is_trained(job.key)):
             continue
         tracker = trackers.setdefault(tuple(vars(job.config.tracking).values()),
-                                      Tracker(job.config.tracking, store))
+                                      Tracker(job.config.tracking, store, sweep))
         summary = store.read_final_summary(job.key)
         tracker.log_training(job.key, job.identity, summary["curve"], summary["seconds"])
         for ev in plan.evaluations:
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"collected {len(records)} of {len(plan.evaluations)} evaluation(s); {missing} missing")
             return 0
         start = time.perf_counter()
-        records, failures = execute(plan, store, force="--force" in flags)
+        records, failures = execute(plan, store, force="--force" in flags, sweep=" ".join(overrides))
         if records:
             print(format_table(records))
         if _follower():

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmark.keys import short_hash
 from benchmark.schema import TrackingConfig
 from benchmark.store import Store, atomic_write_json
 
@@ -33,8 +34,11 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 class Tracker:
-    def __init__(self, cfg: TrackingConfig, store: Store) -> None:
+    def __init__(self, cfg: TrackingConfig, store: Store, sweep: str = "") -> None:
+        """``sweep``: the command's overrides; runs get tags ``sweep`` (a short hash of them,
+        for filtering in the UI) and ``sweep_overrides`` from the command that first logged them."""
         self.cfg, self.store = cfg, store
+        self.sweep_tags = {"sweep": short_hash(sweep), "sweep_overrides": sweep[:500]} if sweep else {}
         self.uri = cfg.uri or store.mlflow_uri()
         self._client = None
         self._experiment_id: str | None = None
@@ -111,7 +115,7 @@ class Tracker:
         method, model = identity["method"]["name"], identity["model"]["name"]
         steps = identity["train"]["steps"]
         tags = {"method": method, "model": model, "data": identity["data"]["name"],
-                "train_key": train_key, "seed": str(identity["seed"]), "kind": "training"}
+                "train_key": train_key, "seed": str(identity["seed"]), "kind": "training", **self.sweep_tags}
         run = client.create_run(self._experiment_id, run_name=f"{method}-{model}-{train_key}", tags=tags)
         params = [Param(k, str(v)[:500]) for k, v in flatten(identity).items()]
         metrics = [Metric("train_loss", float(loss), 0, int(step)) for step, loss, _ in curve]
@@ -137,7 +141,8 @@ class Tracker:
         client = self._connect()
         tags = {"mlflow.parentRunId": parent, "method": record["method"], "model": record["model"],
                 "data": record["data"], "nfe": str(record["nfe"]), "guidance": str(record["guidance"]),
-                "train_key": record["train_key"], "eval_key": record["eval_key"], "kind": "evaluation"}
+                "train_key": record["train_key"], "eval_key": record["eval_key"], "kind": "evaluation",
+                **self.sweep_tags}
         run = client.create_run(self._experiment_id,
                                 run_name=f"{record['method']}-nfe{record['nfe']}-w{record['guidance']:g}",
                                 tags=tags)

@@ -22,6 +22,8 @@ def test_mlflow_store_holds_training_and_evaluation_runs_with_metrics_and_grids(
     assert parent.data.tags["method"] == "fm"
     history = client.get_metric_history(parent.info.run_id, "train_loss")
     assert len(history) >= 1 and all(m.value > 0 for m in history)
+    sweeps = {r.data.tags["sweep"] for r in runs}
+    assert len(sweeps) == 1 and "nfe=1,2" in parent.data.tags["sweep_overrides"]  # filterable by sweep
     for run in evals:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert {"swd", "mmd", "nfe_counted", "sec_per_sample"} <= set(run.data.metrics)
