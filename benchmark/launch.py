@@ -12,6 +12,8 @@ command reports it and a rerun retries it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 import time
@@ -153,8 +155,10 @@ def run_submitit(tasks: list[tuple[str, Callable]], cfg: LauncherConfig, folder:
 def _submit(executor, batch: list[tuple[str, Callable]], cfg: LauncherConfig) -> list[tuple[str, Any]]:
     """Submit ``batch`` at once (one SLURM array).  sbatch refusing it (an unknown partition
     or account, GPUs the cluster lacks, no SLURM here) is a user mistake: one line."""
+    # submitit also prints sbatch's stderr when it fails: the one line below says it instead
+    quiet = contextlib.redirect_stderr(io.StringIO()) if cfg.name == "slurm" else contextlib.nullcontext()
     try:
-        with executor.batch():
+        with quiet, executor.batch():
             return [(name, executor.submit(task)) for name, task in batch]
     except Exception as err:  # submitit's FailedJobError carries sbatch's stderr; OSError: no sbatch
         if cfg.name != "slurm":
