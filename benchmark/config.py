@@ -97,7 +97,9 @@ def compose_points(overrides: list[str]) -> list[Point]:
 
 def method_yaml(name: str) -> str:
     """The ``configs/method/<name>.yaml`` text for a method: every field of its config
-    dataclass with its default, axis and help (a test keeps the files in sync)."""
+    dataclass with its default, axis and help (a test keeps the files in sync).  A method
+    with training defaults of its own (``spec.train_defaults``) gets a global-package file
+    that also sets them in the ``train`` group."""
     import dataclasses
     import sys
 
@@ -105,14 +107,24 @@ def method_yaml(name: str) -> str:
 
     spec = get_spec(name)
     doc = sys.modules[spec.__class__.__module__].__doc__ or name
+    indent = "  " if spec.train_defaults else ""
     lines = [f"# {name}: {doc.strip().splitlines()[0]}",
              f"# Fields are declared in methods/specs/{name}.py; [train] fields change the checkpoint,",
-             "# [eval] fields are evaluation axes that reuse it.", f"name: {name}"]
+             "# [eval] fields are evaluation axes that reuse it."]
+    if spec.train_defaults:
+        lines = ["# @package _global_", *lines, "method:"]
+    lines.append(f"{indent}name: {name}")
     for f in dataclasses.fields(spec.Config):
         value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rendered = json.dumps(value) if not isinstance(value, bool) else str(value).lower()
-        lines.append(f"{f.name}: {rendered}  # [{f.metadata['axis']}] {f.metadata['help']}")
+        lines.append(f"{indent}{f.name}: {_yaml_value(value)}  # [{f.metadata['axis']}] {f.metadata['help']}")
+    if spec.train_defaults:
+        lines.append("train:  # this method's training defaults; train.* on the command line still wins")
+        lines += [f"  {k}: {_yaml_value(v)}" for k, v in spec.train_defaults.items()]
     return "\n".join(lines) + "\n"
+
+
+def _yaml_value(value) -> str:
+    return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
 
 
 if __name__ == "__main__":  # python -m benchmark.config: rewrite configs/method/*.yaml

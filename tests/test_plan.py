@@ -72,3 +72,10 @@ def test_dry_run_marks_cached_rows_after_a_run(toy_overrides) -> None:
     assert result.returncode == 0
     assert result.stdout.count("[cached]") == 2  # the training and nfe=1
     assert result.stdout.count("[missing]") == 1  # nfe=2
+
+
+def test_a_method_can_carry_training_defaults_and_the_command_line_still_wins() -> None:
+    shortcut = plan("method=shortcut").trainings[0].config.train
+    assert shortcut.ema_decay == 0.99  # Shortcut's bootstrap EMA must fit the short budget
+    assert plan("method=fm").trainings[0].config.train.ema_decay == 0.999
+    assert plan("method=shortcut", "train.ema_decay=0.999").trainings[0].config.train.ema_decay == 0.999

@@ -79,6 +79,9 @@ class MethodSpec:
     Config: ClassVar[type[MethodConfig]]
     guidance: ClassVar[GuidanceMode] = "eval_cfg"
     guidance_field: ClassVar[str | None] = None
+    train_defaults: ClassVar[dict] = {}
+    """Training-group values this method needs by default (its ``configs/method`` YAML sets
+    them; a command-line ``train.*`` override still wins)."""
 
     def conditioning(self, cfg: MethodConfig) -> tuple[str, ...]:
         """Scalar inputs the backbone must embed (subset of t, r, h, d, omega, t_min, t_max)."""
