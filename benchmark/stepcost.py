@@ -44,7 +44,8 @@ def measure(method: str, model: str, batch: int, steps: int, device: str, thread
     t = build_trainee(job.config, job.method_name, job.method_train)
     params = list(t.net.parameters()) + list(t.method.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4)
-    step = lambda i: _train_step(t, opt, params, job.config.train, 0, 0, 2000 + i)  # noqa: E731
+    tc = job.config.train
+    step = lambda i: _train_step(t, opt, params, tc, 0, 2000 + i, range(1), tc.batch_size)  # noqa: E731
     step(0)  # warm-up (allocations, lazy init)
     cuda = t.device.type == "cuda"
     if cuda:
