@@ -23,6 +23,19 @@ class DatasetInfo:
     metric_id: str     # identity of its definitions and feature network (in evaluation keys)
 
 
+SUITE_METRICS = {
+    "digits": ("fd", "kid", "class_acc"),
+    "toy": ("swd", "mmd", "mean_err", "std_err"),
+    "fid": ("fd", "kid", "precision", "recall", "density", "coverage"),
+}
+"""The scalar metrics each suite records (a tuning objective is one of them)."""
+
+METRIC_DIRECTIONS = {"fd": "minimize", "kid": "minimize", "swd": "minimize", "mmd": "minimize",
+                     "mean_err": "minimize", "std_err": "minimize", "class_acc": "maximize",
+                     "precision": "maximize", "recall": "maximize", "density": "maximize",
+                     "coverage": "maximize"}
+"""Which way is better, per metric (a tuning study's direction follows its metric)."""
+
 FID_METRIC_ID = "fid-v1"
 """Identity of the fid suite's definitions (quantisation, KID subsets, reference sampling)."""
 

@@ -54,6 +54,37 @@ def expand_overrides(overrides: list[str]) -> list[tuple[str, ...]]:
     return [tuple(point) for point in itertools.product(*axes)]
 
 
+def override_key(override: str) -> str:
+    """The key an override sets (``+a.b=1`` -> ``a.b``)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def merge_overrides(first: list[str], then: list[str]) -> list[str]:
+    """``first`` then ``then``, an override in ``then`` replacing one of ``first`` with its key."""
+    keys = {override_key(o) for o in then}
+    return [o for o in first if override_key(o) not in keys] + list(then)
+
+
+def read_overrides_file(path: str) -> list[str]:
+    """The ``overrides`` list of a YAML file (``benchmark.tune`` exports its best trial as one)."""
+    import yaml
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"--config {path}: no such file; expected a YAML file with an overrides list "
+                        f"(benchmark.tune writes results/tune/<study>/best.yaml)")
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"--config {path} is not valid YAML ({str(err).splitlines()[0]}); expected a "
+                        f"mapping with an overrides list") from None
+    overrides = data.get("overrides") if isinstance(data, dict) else None
+    if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
+        raise UserError(f"--config {path} has no overrides list of key=value strings; expected "
+                        f"overrides: [method=meanflow, method.ratio_r_neq_t=0.3, ...]")
+    return overrides
+
+
 def compose(overrides: tuple[str, ...]) -> dict:
     """Compose the root config with ``overrides`` (no sweeps) into a plain dict."""
     from hydra import compose as hydra_compose

@@ -87,11 +87,12 @@ def evaluate(job: TrainingJob, ev: EvalJob, trainee: Trainee, store: Store, fina
         "num_samples": cfg.eval.num_samples, "train_steps": cfg.train.steps,
         "sample_seconds": gen.seconds, "sec_per_sample": gen.seconds / cfg.eval.num_samples,
         "metric_seconds": metric_seconds, "train_seconds": final.get("seconds"),
-        "metrics": metrics, "identity": ev.identity, "provenance": provenance(trainee.device),
+        "metrics": metrics, "checkpoint": ev.identity["checkpoint"], "identity": ev.identity,
+        "provenance": provenance(trainee.device),
     }
     if reference is not None:
         record["reference"] = reference
-    store.write_eval(ev.train_key, ev.key, record)
+    store.write_eval(ev.train_key, ev.key, record, rung=ev.rung)
     return record
 
 

@@ -85,6 +85,7 @@ class Outcome:
     name: str
     ok: bool
     error: str = ""
+    result: Any = None
 
 
 # ----------------------------------------------------------------------------------------
@@ -123,32 +124,65 @@ def _executor(cfg: LauncherConfig, folder: Path):
     return executor
 
 
+class Pool:
+    """Tasks through one launcher, at most ``limit`` running at once.  ``submit`` returns at
+    once (inline runs the task there and then, recording a failure instead of raising it);
+    ``wait`` blocks until something finished and returns those outcomes."""
+
+    def __init__(self, cfg: LauncherConfig, folder: Path, limit: int | None = None) -> None:
+        self.cfg, self.folder = cfg, folder
+        self.limit = 1 if cfg.name == "inline" else (limit or cfg.max_parallel)
+        self.executor = _executor(cfg, folder) if cfg.name != "inline" else None
+        self.running: list[tuple[str, Any]] = []
+        self._finished: list[Outcome] = []
+
+    def free(self) -> int:
+        """Room for more tasks (an inline outcome not yet collected by ``wait`` takes its slot)."""
+        return self.limit - len(self.running) - len(self._finished)
+
+    def submit(self, batch: list[tuple[str, Callable]]) -> None:
+        if self.executor is None:
+            for name, task in batch:
+                try:
+                    self._finished.append(Outcome(name, True, result=task()))
+                except Exception as err:  # noqa: BLE001 - a task's failure is its outcome
+                    self._finished.append(Outcome(name, False, f"{type(err).__name__}: {err}"[:300]))
+            return
+        submitted = _submit(self.executor, batch, self.cfg)
+        for name, job in submitted:
+            print(f"  submitted {name} as job {job.job_id}", flush=True)
+        self.running += submitted
+
+    def wait(self, poll_s: float = 1.0) -> list[Outcome]:
+        while True:
+            finished, self._finished = self._finished, []
+            still = []
+            for name, job in self.running:
+                if job.done():
+                    finished.append(_outcome(name, job))
+                else:
+                    still.append((name, job))
+            self.running = still
+            if finished or not self.running:
+                return finished
+            time.sleep(poll_s)
+
+
 def run_submitit(tasks: list[tuple[str, Callable]], cfg: LauncherConfig, folder: Path) -> list[Outcome]:
     """Submit every task; local jobs are kept to ``max_parallel`` at once, SLURM jobs go
     in one array (the scheduler enforces the parallelism)."""
-    executor = _executor(cfg, folder)
+    pool = Pool(cfg, folder, limit=cfg.max_parallel if cfg.name == "local" else len(tasks))
     pending = list(tasks)
-    running: list[tuple[str, Any]] = []
     outcomes: dict[str, Outcome] = {}
-    limit = cfg.max_parallel if cfg.name == "local" else len(tasks)
     print(f"launcher={cfg.name}: {len(tasks)} job(s), logs in {folder}", flush=True)
-    while pending or running:
-        if pending and len(running) < limit:
-            batch, pending = pending[:limit - len(running)], pending[limit - len(running):]
-            submitted = _submit(executor, batch, cfg)
-            for name, job in submitted:
-                print(f"  submitted {name} as job {job.job_id}", flush=True)
-            running += submitted
+    while pending or pool.running:
+        if pending and pool.free() > 0:
+            n = pool.free()
+            pool.submit(pending[:n])
+            pending = pending[n:]
             continue
-        still = []
-        for name, job in running:
-            if job.done():
-                outcomes[name] = _outcome(name, job)
-            else:
-                still.append((name, job))
-        running = still
-        if running:
-            time.sleep(1.0)
+        for outcome in pool.wait():
+            outcomes[outcome.name] = outcome
     return [outcomes[name] for name, _ in tasks]
 
 
@@ -172,8 +206,7 @@ def _submit(executor, batch: list[tuple[str, Callable]], cfg: LauncherConfig) ->
 
 def _outcome(name: str, job) -> Outcome:
     try:
-        job.result()
-        return Outcome(name, True)
+        return Outcome(name, True, result=job.result())
     except Exception as err:  # FailedJobError (raised inside), UncompletedJobError (cancelled, killed)
         job.done(force_check=True)  # the cached state can be a minute old (e.g. RUNNING)
         state = getattr(job, "state", "?")
@@ -184,9 +217,10 @@ def _reason(err: Exception) -> str:
     """One line that says why a job failed.  A FailedJobError quotes the task's traceback
     between two rules and then lists log paths: take the traceback's last line (the
     exception).  An UncompletedJobError means the job ended without a result."""
-    from submitit.core.utils import UncompletedJobError
+    from submitit.core.utils import FailedJobError, UncompletedJobError
 
-    if isinstance(err, UncompletedJobError):
+    # FailedJobError (the task raised) subclasses UncompletedJobError: test it first
+    if isinstance(err, UncompletedJobError) and not isinstance(err, FailedJobError):
         return "ended without a result (cancelled, killed, or out of time and not requeued)"
     text, rule = str(err), "-" * 22
     if text.count(rule) >= 2:

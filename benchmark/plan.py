@@ -45,6 +45,16 @@ class EvalJob:
     method_eval: dict[str, Any]
     identity: dict[str, Any]
 
+    @property
+    def rung(self) -> bool:
+        """An evaluation of an intermediate checkpoint (recorded under rungs/, not evals/)."""
+        return self.identity["checkpoint"] != "final"
+
+    def at_step(self, step: int) -> EvalJob:
+        """The same evaluation of the checkpoint after ``step`` training steps."""
+        identity = {**self.identity, "checkpoint": f"step-{step}"}
+        return dataclasses.replace(self, key=short_hash(identity), identity=identity)
+
 
 @dataclass
 class Plan:

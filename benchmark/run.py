@@ -14,12 +14,19 @@ import signal
 import sys
 import time
 
-from benchmark.config import CONFIG_DIR, GROUPS, compose_points, group_choices
+from benchmark.config import (
+    CONFIG_DIR,
+    GROUPS,
+    compose_points,
+    group_choices,
+    merge_overrides,
+    read_overrides_file,
+)
 from benchmark.plan import EvalJob, Plan, TrainingJob, plan_points
 from benchmark.schema import UserError
 from benchmark.store import Store
 
-USAGE = "usage: python -m benchmark.run [key=value ...] [--dry-run] [--force] [--help]"
+USAGE = "usage: python -m benchmark.run [--config FILE] [key=value ...] [--dry-run] [--force] [--help]"
 
 
 def help_text() -> str:
@@ -36,17 +43,34 @@ def help_text() -> str:
               "flags:", "  --dry-run  print the resolved plan (cached or missing per row) and exit",
               "  --force    recompute the requested points even if cached",
               "  --collect  gather and print whatever has finished, launching nothing",
+              "  --config FILE  start from the overrides in FILE (e.g. benchmark.tune's best.yaml);",
+              "                 key=value arguments win over the file's",
               "", f"configs: {CONFIG_DIR}",
               "example: python -m benchmark.run method=fm nfe=1,2,4,8"]
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str]) -> tuple[list[str], set[str]]:
+    """(overrides, flags); ``--config FILE`` puts the file's overrides first."""
+    argv, files = list(argv), []
+    while any(a == "--config" or a.startswith("--config=") for a in argv):
+        i = next(i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config="))
+        if argv[i] == "--config":
+            if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                raise UserError("--config needs a file: expected --config results/tune/<study>/best.yaml")
+            files.append(argv.pop(i + 1))
+        else:
+            files.append(argv[i].split("=", 1)[1])
+        argv.pop(i)
+    base: list[str] = []
+    for path in files:
+        base = merge_overrides(base, read_overrides_file(path))
     flags = {a for a in argv if a.startswith("--")}
     unknown = flags - {"--dry-run", "--force", "--collect", "--help", "-h"}
     if unknown:
         raise UserError(f"unknown flag {sorted(unknown)[0]}; expected --dry-run, --force, --collect or --help")
-    return [a for a in argv if not a.startswith("-")], flags | ({"--help"} if "-h" in argv else set())
+    overrides = merge_overrides(base, [a for a in argv if not a.startswith("-")])
+    return overrides, flags | ({"--help"} if "-h" in argv else set())
 
 
 # ----------------------------------------------------------------------------------------

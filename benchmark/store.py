@@ -6,7 +6,9 @@ Layout under ``results_dir``::
     runs/<train_key>/state.pt           latest training state (resume by rerunning)
     runs/<train_key>/final.pt           weights after the last step (written once)
     runs/<train_key>/curve.csv          step, loss, lr, seconds
-    runs/<train_key>/evals/<eval_key>.json   one evaluation record
+    runs/<train_key>/evals/<eval_key>.json   one evaluation record (of final.pt)
+    runs/<train_key>/rungs/<eval_key>.json   an evaluation of an intermediate checkpoint
+                                        (tuning trials report these to their pruner)
     runs/<train_key>/samples/<eval_key>.png  its sample grid
     mlflow.db, mlartifacts/             the MLflow mirror
     cache/                              feature networks and reference statistics
@@ -60,8 +62,10 @@ class Store:
     def final_path(self, train_key: str) -> Path:
         return self.run_dir(train_key) / "final.pt"
 
-    def eval_path(self, train_key: str, eval_key: str) -> Path:
-        return self.run_dir(train_key) / "evals" / f"{eval_key}.json"
+    def eval_path(self, train_key: str, eval_key: str, rung: bool = False) -> Path:
+        """An evaluation record: of ``final.pt`` under evals/, of an intermediate checkpoint
+        (``rung``) under rungs/, so tables and reports over evals/ see final results only."""
+        return self.run_dir(train_key) / ("rungs" if rung else "evals") / f"{eval_key}.json"
 
     def grid_path(self, train_key: str, eval_key: str) -> Path:
         return self.run_dir(train_key) / "samples" / f"{eval_key}.png"
@@ -72,14 +76,14 @@ class Store:
     def is_trained(self, train_key: str) -> bool:
         return self.final_path(train_key).is_file()
 
-    def has_eval(self, train_key: str, eval_key: str) -> bool:
-        return self.eval_path(train_key, eval_key).is_file()
+    def has_eval(self, train_key: str, eval_key: str, rung: bool = False) -> bool:
+        return self.eval_path(train_key, eval_key, rung).is_file()
 
-    def read_eval(self, train_key: str, eval_key: str) -> dict:
-        return json.loads(self.eval_path(train_key, eval_key).read_text())
+    def read_eval(self, train_key: str, eval_key: str, rung: bool = False) -> dict:
+        return json.loads(self.eval_path(train_key, eval_key, rung).read_text())
 
-    def write_eval(self, train_key: str, eval_key: str, record: dict) -> None:
-        atomic_write_json(self.eval_path(train_key, eval_key), record)
+    def write_eval(self, train_key: str, eval_key: str, record: dict, rung: bool = False) -> None:
+        atomic_write_json(self.eval_path(train_key, eval_key, rung), record)
 
     def write_config(self, train_key: str, config: dict) -> None:
         atomic_write_json(self.run_dir(train_key) / "config.json", config)

@@ -160,3 +160,69 @@ class Tracker:
         ledger["evals"][record["eval_key"]] = run.info.run_id
         self._save_ledger(train_key, ledger)
         return run.info.run_id
+
+
+class StudyTracker(Tracker):
+    """An Optuna study in MLflow: one parent run per study, one child run per finished
+    trial (its parameters, the objective, the intermediate values by training step, tags
+    with the study, the trial number and state, and the benchmark run's keys).  What was
+    logged to which tracking URI is kept in ``tune/<study>/mlflow.json``."""
+
+    def __init__(self, cfg: TrackingConfig, store: Store, study: str, study_dir: Path) -> None:
+        super().__init__(cfg, store, sweep=f"study {study}")
+        self.study, self.study_dir = study, study_dir
+
+    def _ledger_path(self, train_key: str) -> Path:  # one ledger for the study
+        return self.study_dir / "mlflow.json"
+
+    def _ledger(self, train_key: str) -> dict:
+        path = self._ledger_path(train_key)
+        ledgers = json.loads(path.read_text()) if path.is_file() else {}
+        return ledgers.get(self.uri, {"parent": None, "trials": {}})
+
+    def has_trial(self, number: int) -> bool:
+        return str(number) in self._ledger("")["trials"]
+
+    def log_trial(self, trial, metric: str, nfe: int, study_tags: dict) -> str | None:
+        return self._safely("logging of a tuning trial", self._log_trial, trial, metric, nfe, study_tags)
+
+    def _study_parent(self, study_tags: dict) -> str:
+        ledger = self._ledger("")
+        if ledger.get("parent"):
+            return ledger["parent"]
+        client = self._connect()
+        tags = {"kind": "study", "optuna_study": self.study, "objective": study_tags.get("objective", ""),
+                **{k: str(v)[:500] for k, v in study_tags.items()}}
+        run = client.create_run(self._experiment_id, run_name=f"study-{self.study}", tags=tags)
+        client.set_terminated(run.info.run_id)  # children still attach; no run left "running"
+        ledger["parent"] = run.info.run_id
+        self._save_ledger("", ledger)
+        return run.info.run_id
+
+    def _log_trial(self, trial, metric: str, nfe: int, study_tags: dict) -> str:
+        ledger = self._ledger("")
+        number = str(trial.number)
+        if number in ledger["trials"]:
+            return ledger["trials"][number]
+        from mlflow.entities import Metric, Param
+
+        parent = self._study_parent({**study_tags, "objective": f"{metric} at nfe={nfe}"})
+        ledger = self._ledger("")
+        client = self._connect()
+        tags = {"mlflow.parentRunId": parent, "kind": "trial", "optuna_study": self.study,
+                "optuna_trial": number, "state": trial.state.name,
+                "train_key": trial.system_attrs.get("bench:train_key", ""),
+                "eval_key": trial.system_attrs.get("bench:eval_key", "")}
+        if trial.user_attrs.get("fail_reason"):
+            tags["fail_reason"] = trial.user_attrs["fail_reason"][:500]
+        run = client.create_run(self._experiment_id, run_name=f"{self.study}-trial-{number}", tags=tags)
+        metrics = [Metric(f"{metric}_intermediate", float(v), 0, int(step))
+                   for step, v in sorted(trial.intermediate_values.items())]
+        if trial.value is not None:
+            metrics.append(Metric(f"{metric}_nfe{nfe}", float(trial.value), 0, 0))
+        client.log_batch(run.info.run_id, metrics=metrics,
+                         params=[Param(k, str(v)[:500]) for k, v in trial.params.items()])
+        client.set_terminated(run.info.run_id, status="FAILED" if trial.state.name == "FAIL" else "FINISHED")
+        ledger["trials"][number] = run.info.run_id
+        self._save_ledger("", ledger)
+        return run.info.run_id

@@ -165,8 +165,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 
 def train(job: TrainingJob, store: Store, *, stop_after: int | None = None) -> Trainee | None:
-    """Train ``job`` to ``train.steps`` (or stop after step ``stop_after`` for tests),
-    resuming from the run folder's latest state.  Writes ``final.pt`` when done.  Returns
+    """Train ``job`` to ``train.steps`` (or stop after step ``stop_after``: tests, and the
+    intermediate evaluations of a tuning trial), resuming from the run folder's latest state.  Writes ``final.pt`` when done.  Returns
     this process's trained networks, or None when the run was already trained.
 
     Under torchrun every process calls this for the same jobs in the same order; rank 0
@@ -203,6 +203,8 @@ def _train_locked(job: TrainingJob, store: Store, stop_after: int | None, rank: 
         if rank == 0:
             print(f"resuming {job.key} from step {start}", file=sys.stderr, flush=True)
     distributed.check_same(start, "the step to resume from")
+    if stop_after is not None and start >= stop_after:
+        return t  # already there (or past it): nothing to train
 
     bar = _progress(tc, start, f"train {job.method_name} {job.key}", show=rank == 0)
     tick = time.perf_counter()
@@ -286,6 +288,22 @@ def _write_final(store: Store, job: TrainingJob, t: Trainee, curve: list, second
     save_state(store.final_path(job.key), {"net": t.net.state_dict(), "ema": t.ema.state_dict(),
                                            "method": t.method.state_dict(), "step": job.config.train.steps,
                                            "seconds": seconds, "curve": curve})
+
+
+def load_checkpoint(job: TrainingJob, store: Store, step: int) -> tuple[Trainee, dict] | None:
+    """The run's networks at ``step`` from its latest state, or None when that state is at
+    another step (a tuning trial evaluates an intermediate checkpoint right after it)."""
+    path = store.state_path(job.key)
+    if not path.is_file():
+        return None
+    t = build_trainee(job.config, job.method_name, job.method_train)
+    state = load_state(path, t.device)
+    if state["step"] != step:
+        return None
+    t.net.load_state_dict(state["net"])
+    t.ema.load_state_dict(state["ema"])
+    t.method.load_state_dict(state["method"])
+    return t, state
 
 
 def load_trained(job: TrainingJob, store: Store) -> tuple[Trainee, dict]:
