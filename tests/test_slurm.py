@@ -252,3 +252,33 @@ def test_options_sbatch_refuses_are_one_error_line_with_exit_2(slurm_cluster: Sl
     assert len(lines) == 1 and lines[0].startswith("error: sbatch refused the jobs"), result.stderr
     assert "nosuch" in lines[0] and "launcher.partition" in lines[0]
     assert "submitted" not in result.stdout
+
+
+def test_a_tuning_study_runs_its_trials_as_slurm_jobs(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """benchmark.tune with launcher=slurm: trials are SLURM jobs that report their rungs to a
+    journal-file study (the storage for clusters without a database)."""
+    import optuna
+    import yaml
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "metric": "swd", "nfe": 1, "n_trials": 3, "report_every": 20, "study": "slurm",
+        "base": ["method=fm", "data=two_moons", "model=mlp", "train=toy", "train.steps=40",
+                 "train.progress=false", "eval.num_samples=200", "launcher.threads=1"],
+        "space": {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}},
+        "sampler": {"name": "random", "seed": 0}, "pruner": {"name": "none"}}))
+    journal = tmp_path / "study.log"
+    proc = subprocess.run([sys.executable, "-m", "benchmark.tune", f"tune={space}", "launcher=slurm",
+                           f"tune.storage=journal://{journal}", *folders(tmp_path)], cwd=REPO,
+                          env=slurm_cluster.env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    jobs = re.findall(r"submitted trial (\d+) as job (\S+)", proc.stdout)
+    assert sorted(n for n, _ in jobs) == ["0", "1", "2"]
+    accounted = slurm_cluster.command("sacct", "-n", "-X", "-P", "-o", "JobID,State")
+    for _, job_id in jobs:
+        assert f"{job_id}|COMPLETED" in accounted
+    study = optuna.load_study(study_name="slurm", storage=JournalStorage(JournalFileBackend(str(journal))))
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    assert all(list(t.intermediate_values) == [20] for t in study.trials)  # reported from the jobs
+    assert (tmp_path / "results" / "tune" / "slurm" / "best.yaml").is_file()

@@ -123,13 +123,16 @@ def test_a_study_runs_in_parallel_survives_a_killed_driver_prunes_and_mirrors_ev
     deadline = time.time() + 300
     killed_with = []
     while time.time() < deadline and driver.poll() is None:
+        time.sleep(0.3)
         if (results / "optuna.db").is_file():
-            trials = load(results, "toy").get_trials(deepcopy=False)
+            try:
+                trials = load(results, "toy").get_trials(deepcopy=False)
+            except KeyError:  # the database exists, the study not yet
+                continue
             states = [t.state for t in trials]
             if TrialState.COMPLETE in states and TrialState.RUNNING in states:
                 killed_with = trials
                 break
-        time.sleep(0.3)
     assert killed_with, "the driver finished or stalled before a trial completed with another running"
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and its local trial jobs
     driver.wait()
@@ -232,3 +235,30 @@ def test_a_bad_run_config_file_is_one_line_and_exit_2(tmp_path, content, expecte
     proc = run_cli("--config", str(config), "--dry-run")
     assert proc.returncode == 2 and expected in proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_inline_trials_run_one_after_another_with_journal_storage_and_the_median_pruner(tmp_path, capsys) -> None:
+    """launcher=inline: each trial is told before the next is asked, so the median pruner
+    (one finished trial needed) deterministically stops the untrained trial at its first
+    rung; the study lives in Optuna's journal file, which the trial also reports to."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+    from optuna.trial import TrialState
+
+    results, journal = tmp_path / "results", tmp_path / "journal" / "study.log"
+    path = write_space(tmp_path, n_trials=2, report_every=50, study="inline",
+                       enqueue=[{"train.lr": GOOD}, {"train.lr": BAD}])
+    code = tune_main([f"tune={path}", f"tune.storage=journal://{journal}", f"results_dir={results}",
+                      "tracking.enabled=false"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "trial 1: pruned at step 50" in out
+    study = optuna.load_study(study_name="inline", storage=JournalStorage(JournalFileBackend(str(journal))))
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED]
+    assert sorted(trials[0].intermediate_values) == [50, 100] and list(trials[1].intermediate_values) == [50]
+    assert trials[1].intermediate_values[50] > trials[0].intermediate_values[50]
+    assert not (results / "optuna.db").exists() and not (results / "mlflow.db").exists()
+    # the pruned trial's run stays resumable at its rung; the completed one is final
+    assert len(list(results.glob("runs/*/final.pt"))) == 1 and len(list(results.glob("runs/*/state.pt"))) == 2
+    assert len(list(results.glob("runs/*/rungs/*.json"))) == 3 and len(list(results.glob("runs/*/evals/*.json"))) == 1
