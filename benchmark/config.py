@@ -85,6 +85,18 @@ def read_overrides_file(path: str) -> list[str]:
     return overrides
 
 
+FREE_FORM = ("launcher.additional", "data.options")
+"""Mappings whose keys the user chooses (sbatch options, dataset options): an override of
+one of them, or of a key inside, may add keys without Hydra's ``+`` prefix."""
+
+
+def _open_free_form(override: str) -> str:
+    key = override.split("=", 1)[0]
+    if key.startswith(("+", "~")) or not any(key == f or key.startswith(f + ".") for f in FREE_FORM):
+        return override
+    return "++" + override
+
+
 def compose(overrides: tuple[str, ...]) -> dict:
     """Compose the root config with ``overrides`` (no sweeps) into a plain dict."""
     from hydra import compose as hydra_compose
@@ -95,7 +107,7 @@ def compose(overrides: tuple[str, ...]) -> dict:
 
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+            cfg = hydra_compose(config_name="config", overrides=[_open_free_form(o) for o in overrides])
         return OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as err:
         raise UserError(_explain(err, overrides)) from None

@@ -71,3 +71,19 @@ def test_toy_data_with_an_image_backbone_is_a_clear_error() -> None:
     result = run_cli("data=eight_gaussians", "--dry-run")
     assert result.returncode == 2
     assert "model=mlp train=toy" in result.stderr
+
+
+def test_free_form_mappings_take_new_keys_without_a_plus() -> None:
+    """sbatch options and dataset options are the user's own keys: Hydra's struct mode would
+    refuse ``launcher.additional={account: x}``; the composer opens those two mappings."""
+    from benchmark.config import compose_points
+
+    point = compose_points(["launcher=slurm", "launcher.additional={account:lab,qos:high}",
+                            "launcher.additional.comment=sweep"])[0]
+    assert point.config.launcher.additional == {"account": "lab", "qos": "high", "comment": "sweep"}
+    plus = compose_points(["launcher=slurm", "+launcher.additional.account=lab"])[0]
+    assert plus.config.launcher.additional == {"account": "lab"}
+    toy = compose_points(["data=gaussian1d", "data.options.mean=3"])[0]
+    assert toy.config.data.options == {"mean": 3, "std": 0.4}
+    unknown = run_cli("launcher.nosuch.x=1", "--dry-run")  # other groups stay strict
+    assert unknown.returncode == 2 and "launcher.nosuch" in unknown.stderr
