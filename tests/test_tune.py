@@ -237,16 +237,19 @@ def test_a_bad_run_config_file_is_one_line_and_exit_2(tmp_path, content, expecte
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 
-def test_inline_trials_run_one_after_another_with_journal_storage_and_the_median_pruner(tmp_path, capsys) -> None:
-    """launcher=inline: each trial is told before the next is asked, so the median pruner
-    (one finished trial needed) deterministically stops the untrained trial at its first
-    rung; the study lives in Optuna's journal file, which the trial also reports to."""
+@pytest.mark.parametrize("pruner", [{"name": "median", "n_startup_trials": 1},
+                                    {"name": "successive_halving", "min_resource": 50, "reduction_factor": 2}])
+def test_inline_trials_run_one_after_another_with_journal_storage_and_a_pruner(tmp_path, capsys, pruner) -> None:
+    """launcher=inline: each trial is told before the next is asked, so the pruner (the
+    median of one finished trial, or successive halving keeping the better half at step 50)
+    deterministically stops the untrained trial at its first rung; the study lives in
+    Optuna's journal file, which the trial also reports to."""
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
     from optuna.trial import TrialState
 
     results, journal = tmp_path / "results", tmp_path / "journal" / "study.log"
-    path = write_space(tmp_path, n_trials=2, report_every=50, study="inline",
+    path = write_space(tmp_path, n_trials=2, report_every=50, study="inline", pruner=pruner,
                        enqueue=[{"train.lr": GOOD}, {"train.lr": BAD}])
     code = tune_main([f"tune={path}", f"tune.storage=journal://{journal}", f"results_dir={results}",
                       "tracking.enabled=false"])
