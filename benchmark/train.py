@@ -22,7 +22,9 @@ import fcntl
 import hashlib
 import io
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -164,6 +166,47 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+class PreemptionAtStepEnd:
+    """Defer SLURM's preemption / time-limit warning to the end of the training step.
+
+    submitit handles SIGUSR2 (``sbatch --signal=USR2@...``) by checkpointing the task and
+    requeueing the job, at whatever bytecode the signal lands on.  Inside this context the
+    signal is only recorded; the loop finishes its step, saves the exact state and then
+    hands the signal to submitit (``deliver``), so a requeued run resumes from the step it
+    stopped at, not from the last periodic checkpoint.  Outside submitit (no Python
+    handler installed) and off the main thread it does nothing."""
+
+    def __init__(self) -> None:
+        self.caught: list[tuple[int, object]] = []
+        self.previous = None
+
+    def __enter__(self) -> PreemptionAtStepEnd:
+        if (hasattr(signal, "SIGUSR2") and threading.current_thread() is threading.main_thread()
+                and callable(signal.getsignal(signal.SIGUSR2))):
+            self.previous = signal.signal(signal.SIGUSR2, lambda signum, frame: self.caught.append((signum, frame)))
+        return self
+
+    def pending(self) -> bool:
+        return bool(self.caught)
+
+    def deliver(self) -> None:
+        """Restore the handler and call it with the recorded signal (submitit exits here)."""
+        if self.previous is None:
+            return
+        handler, self.previous = self.previous, None
+        signal.signal(signal.SIGUSR2, handler)
+        if self.caught:
+            signum, frame = self.caught[0]
+            self.caught.clear()
+            handler(signum, frame)
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.deliver()  # a warning in the last step still reaches submitit
+        elif self.previous is not None:
+            signal.signal(signal.SIGUSR2, self.previous)
+
+
 def train(job: TrainingJob, store: Store, *, stop_after: int | None = None) -> Trainee | None:
     """Train ``job`` to ``train.steps`` (or stop after step ``stop_after``: tests, and the
     intermediate evaluations of a tuning trial), resuming from the run folder's latest state.  Writes ``final.pt`` when done.  Returns
@@ -208,26 +251,35 @@ def _train_locked(job: TrainingJob, store: Store, stop_after: int | None, rank: 
 
     bar = _progress(tc, start, f"train {job.method_name} {job.key}", show=rank == 0)
     tick = time.perf_counter()
-    for step in range(start, tc.steps):
-        loss = _train_step(t, opt, params, tc, cfg.seed, step, micro, size)
-        window.append(loss)
-        bar.update(1)
-        if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
-            curve.append([step + 1, sum(window) / len(window), learning_rate(tc, step)])
-            bar.set_postfix(loss=f"{curve[-1][1]:.4f}")
-            window = []
-        done = step + 1 == tc.steps or step + 1 == stop_after
-        if (step + 1) % tc.ckpt_every == 0 or done:
-            now = time.perf_counter()
-            seconds, tick = seconds + now - tick, now
-            distributed.check_replicas(params, step + 1)  # a skipped all-reduce is caught, not saved
-            if rank == 0:
-                save_state(state_path, {"net": t.net.state_dict(), "ema": t.ema.state_dict(),
-                                        "method": t.method.state_dict(), "opt": opt.state_dict(),
-                                        "step": step + 1, "curve": curve, "seconds": seconds,
-                                        "window": window})
-        if step + 1 == stop_after:
-            break
+    with PreemptionAtStepEnd() as preemption:
+        for step in range(start, tc.steps):
+            loss = _train_step(t, opt, params, tc, cfg.seed, step, micro, size)
+            window.append(loss)
+            bar.update(1)
+            if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
+                curve.append([step + 1, sum(window) / len(window), learning_rate(tc, step)])
+                bar.set_postfix(loss=f"{curve[-1][1]:.4f}")
+                window = []
+            done = step + 1 == tc.steps or step + 1 == stop_after
+            preempted = distributed.all_reduce_mean(float(preemption.pending())) > 0  # any rank warned
+            if (step + 1) % tc.ckpt_every == 0 or done or preempted:
+                now = time.perf_counter()
+                seconds, tick = seconds + now - tick, now
+                distributed.check_replicas(params, step + 1)  # a skipped all-reduce is caught, not saved
+                if rank == 0:
+                    save_state(state_path, {"net": t.net.state_dict(), "ema": t.ema.state_dict(),
+                                            "method": t.method.state_dict(), "opt": opt.state_dict(),
+                                            "step": step + 1, "curve": curve, "seconds": seconds,
+                                            "window": window})
+            if preempted and not done:
+                if rank == 0:
+                    print(f"saved {job.key} at step {step + 1} on the preemption warning", file=sys.stderr,
+                          flush=True)
+                bar.close()
+                preemption.deliver()  # submitit: requeue this job, exit; it resumes from step + 1
+                return t  # a rank that submitit does not exit stops here too
+            if step + 1 == stop_after:
+                break
     bar.close()
     if rank == 0 and (start >= tc.steps or (stop_after is None or stop_after >= tc.steps)):
         _write_final(store, job, t, curve, seconds)

@@ -193,7 +193,7 @@ def test_sweep_runs_as_slurm_jobs_and_a_rerun_launches_nothing(slurm_cluster: Sl
     assert table_rows(again.stdout) == rows
 
 
-def test_training_past_its_time_limit_is_requeued_and_resumes_from_its_checkpoint(
+def test_training_past_its_time_limit_is_requeued_and_resumes_from_the_step_it_was_warned_at(
         slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     args = [*TOY, "method=fm", "nfe=1", "train.steps=300", "train.ckpt_every=10", "tracking.enabled=false",
             "launcher.timeout_min=1", "launcher.max_requeues=5", *folders(tmp_path)]
@@ -211,6 +211,10 @@ def test_training_past_its_time_limit_is_requeued_and_resumes_from_its_checkpoin
     resumed = [(k, int(step)) for k, step in RESUMING.findall(log)]
     assert resumed and all(k == key for k, _ in resumed), log
     assert 10 <= resumed[0][1] < 300  # from a checkpoint written before the time limit
+    # the warning was deferred to the end of its step, that exact state saved, and the
+    # requeued run resumed there (not at the last periodic checkpoint)
+    saved = [int(n) for n in re.findall(rf"saved {key} at step (\d+) on the preemption warning", log)]
+    assert saved and saved[0] == resumed[0][1], log
     assert (tmp_path / "results" / "runs" / key / "final.pt").is_file()
     records = list((tmp_path / "results" / "runs" / key / "evals").glob("*.json"))
     assert len(records) == 1 and json.loads(records[0].read_text())["nfe"] == 1

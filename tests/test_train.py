@@ -37,6 +37,54 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(toy_overrides, t
     assert a["curve"] == b["curve"]
 
 
+def test_a_preemption_warning_saves_the_exact_step_and_the_requeued_run_matches_the_straight_one(
+        toy_overrides, tmp_path: Path, monkeypatch) -> None:
+    """SIGUSR2 (SLURM's warning, handled by submitit) lands mid-step 7: the step finishes,
+    the state is saved at step 8 (no periodic checkpoint is due: ckpt_every=1000), then the
+    handler runs; resuming from there ends bitwise where the uninterrupted run does."""
+    import os
+    import signal
+
+    import benchmark.train as engine
+
+    job = plan_for([*toy_overrides, "train.ckpt_every=1000"]).trainings[0]
+    straight = Store(tmp_path / "straight")
+    train(job, straight)
+
+    seen = []
+
+    def submitit_like(signum, frame):  # what submitit's handler does last: exit the task
+        seen.append(signum)
+        raise SystemExit(-1)
+
+    step_fn = engine._train_step
+
+    def step_with_warning(t, opt, params, tc, seed, step, micro, size):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGUSR2)  # delivered to the handler mid-step
+        return step_fn(t, opt, params, tc, seed, step, micro, size)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_like)
+    monkeypatch.setattr(engine, "_train_step", step_with_warning)
+    preempted = Store(tmp_path / "preempted")
+    try:
+        with pytest.raises(SystemExit):
+            train(job, preempted)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    monkeypatch.undo()
+    assert seen == [signal.SIGUSR2]
+    assert load_state(preempted.state_path(job.key), torch.device("cpu"))["step"] == 8
+    assert not preempted.is_trained(job.key)
+    train(job, preempted)
+    a = load_state(straight.final_path(job.key), torch.device("cpu"))
+    b = load_state(preempted.final_path(job.key), torch.device("cpu"))
+    for name in ("net", "ema"):
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), key
+    assert a["curve"] == b["curve"]
+
+
 def test_resume_from_a_step_between_checkpoints_replays_from_the_last_checkpoint(toy_overrides, tmp_path):
     job = plan_for([*toy_overrides, "train.ckpt_every=15"]).trainings[0]
     store = Store(tmp_path)
