@@ -20,6 +20,16 @@ def plan_for(overrides: list[str]):
     return plan_points(compose_points(overrides))
 
 
+def assert_same_final(a_store: Store, b_store: Store, key: str) -> None:
+    """Both runs' final weights (and EMA) are bitwise equal, and so are their loss curves."""
+    a = load_state(a_store.final_path(key), torch.device("cpu"))
+    b = load_state(b_store.final_path(key), torch.device("cpu"))
+    for name in ("net", "ema"):
+        for k in a[name]:
+            assert torch.equal(a[name][k], b[name][k]), k
+    assert a["curve"] == b["curve"]
+
+
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(toy_overrides, tmp_path: Path) -> None:
     job = plan_for(toy_overrides).trainings[0]
     straight = Store(tmp_path / "straight")
@@ -29,12 +39,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(toy_overrides, t
     assert not resumed.is_trained(job.key)
     assert load_state(resumed.state_path(job.key), torch.device("cpu"))["step"] == 20
     train(job, resumed)
-    a = load_state(straight.final_path(job.key), torch.device("cpu"))
-    b = load_state(resumed.final_path(job.key), torch.device("cpu"))
-    for name in ("net", "ema"):
-        for key in a[name]:
-            assert torch.equal(a[name][key], b[name][key]), key
-    assert a["curve"] == b["curve"]
+    assert_same_final(straight, resumed, job.key)
 
 
 def test_a_preemption_warning_saves_the_exact_step_and_the_requeued_run_matches_the_straight_one(
@@ -77,12 +82,7 @@ def test_a_preemption_warning_saves_the_exact_step_and_the_requeued_run_matches_
     assert load_state(preempted.state_path(job.key), torch.device("cpu"))["step"] == 8
     assert not preempted.is_trained(job.key)
     train(job, preempted)
-    a = load_state(straight.final_path(job.key), torch.device("cpu"))
-    b = load_state(preempted.final_path(job.key), torch.device("cpu"))
-    for name in ("net", "ema"):
-        for key in a[name]:
-            assert torch.equal(a[name][key], b[name][key]), key
-    assert a["curve"] == b["curve"]
+    assert_same_final(straight, preempted, job.key)
 
 
 def test_resume_from_a_step_between_checkpoints_replays_from_the_last_checkpoint(toy_overrides, tmp_path):
