@@ -3,8 +3,10 @@
 
 Every finished training and every evaluation record under ``DIR/runs`` that has not yet
 been mirrored to that tracking URI is logged (a parent run per training, nested runs per
-evaluation), exactly as ``benchmark.run`` logs them.  Use it after a run whose tracking
-server was down, or to copy a results folder into a team server.
+evaluation), exactly as ``benchmark.run`` logs them, and so is every finished trial of the
+Optuna studies under ``DIR/tune`` (children of their study's run, as ``benchmark.tune``
+logs them).  Use it after a run whose tracking server was down, or to copy a results
+folder into a team server.
 """
 
 from __future__ import annotations
@@ -59,10 +61,26 @@ def sync(store: Store, cfg: TrackingConfig) -> tuple[int, int, bool]:
     return trainings, evaluations, not tracker.down
 
 
+def sync_studies(store: Store, cfg: TrackingConfig) -> tuple[int, bool]:
+    """Mirror the finished trials of every study under ``tune/`` not mirrored yet; returns
+    the count and whether the tracking store answered throughout."""
+    count = 0
+    for meta_path in sorted((store.root / "tune").glob("*/study.json")):
+        from benchmark.tune import mirror_finished_trials  # optuna only when there are studies
+
+        logged = mirror_finished_trials(json.loads(meta_path.read_text()), store, cfg)
+        if logged is None:
+            return count, False
+        count += logged
+    return count, True
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         store, cfg = parse(sys.argv[1:] if argv is None else argv)
         trainings, evaluations, ok = sync(store, cfg)
+        trials, ok_trials = sync_studies(store, cfg) if ok else (0, True)
+        ok = ok and ok_trials
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -71,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: MLflow at {tracker_uri} did not answer; the records stay on disk: rerun when "
               f"it is up", file=sys.stderr)
         return 1
-    print(f"mirrored {trainings} training(s) and {evaluations} evaluation(s) to {tracker_uri}")
+    print(f"mirrored {trainings} training(s), {evaluations} evaluation(s) and {trials} tuning trial(s) "
+          f"to {tracker_uri}")
     return 0
 
 

@@ -460,6 +460,12 @@ class Tuning:
     def study_dir(self) -> Path:
         return self.store.root / "tune" / self.study_name
 
+    def meta(self) -> dict:
+        """What ``tune/<study>/study.json`` records: enough to find the study again."""
+        return {"study": self.study_name, "storage": self.storage, "space_name": self.space_name,
+                "direction": self.direction, "metric": self.cfg.metric, "nfe": self.cfg.nfe,
+                "base_overrides": self.base, "space": self.cfg.space}
+
 
 def resolve(argv: list[str]) -> Tuning:
     tune_args = [a for a in argv if override_key(a) == "tune" or override_key(a).startswith("tune.")]
@@ -562,7 +568,7 @@ def drive(tuning: Tuning) -> int:
     from benchmark.launch import Pool, job_threads
 
     study = open_study(tuning)
-    tuning.study_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(tuning.study_dir / "study.json", tuning.meta())  # benchmark.sync finds it here
     with _flock(tuning.study_dir / "driver.lock", blocking=False) as mine:
         if not mine:
             holder = (tuning.study_dir / "driver.lock").read_text().strip()
@@ -699,9 +705,39 @@ def _mirror(tuning: Tuning, study, flight: Flight, tracker) -> None:
         return
     mirror(flight.plan, tuning.store, sweep=f"study {tuning.study_name} trial {flight.number}")
     frozen = study._storage.get_trial(flight.trial_id)
-    tracker.log_trial(frozen, tuning.cfg.metric, tuning.cfg.nfe, {
-        "space": tuning.space_name, "direction": tuning.direction, "storage": tuning.storage,
-        "base_overrides": " ".join(tuning.base)})
+    tracker.log_trial(frozen, tuning.cfg.metric, tuning.cfg.nfe, study_tags(tuning.meta()))
+
+
+def study_tags(meta: dict) -> dict:
+    """Tags of a study's parent run in MLflow, from its ``study.json``."""
+    return {"space": meta["space_name"], "direction": meta["direction"], "storage": meta["storage"],
+            "base_overrides": " ".join(meta["base_overrides"])}
+
+
+def mirror_finished_trials(meta: dict, store: Store, cfg) -> int | None:
+    """Log the finished trials of the study ``meta`` (its ``study.json``) not yet mirrored
+    to ``cfg``'s tracking URI (``benchmark.sync``); the count, or None if MLflow is down."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from benchmark.tracking import StudyTracker
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=meta["study"], storage=open_storage(meta["storage"]))
+    except KeyError:
+        raise UserError(f"study {meta['study']} is not in {meta['storage']} (named by "
+                        f"{store.root / 'tune' / meta['study'] / 'study.json'}); expected the storage "
+                        f"the study was run with") from None
+    tracker = StudyTracker(cfg, store, meta["study"], store.root / "tune" / meta["study"])
+    count = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+        if tracker.has_trial(t.number):
+            continue
+        if tracker.log_trial(t, meta["metric"], meta["nfe"], study_tags(meta)) is None:
+            return None
+        count += 1
+    return count
 
 
 def _mirror_missed(tuning: Tuning, study, tracker) -> None:
@@ -793,10 +829,6 @@ def write_outputs(tuning: Tuning, study) -> None:
     atomic_write_bytes(folder / "best.md", (table + "\n").encode())
     best = export_best(tuning, study)
     plots = _plots(study, folder)
-    atomic_write_json(folder / "study.json", {"study": tuning.study_name, "storage": tuning.storage,
-                                              "direction": tuning.direction, "metric": tuning.cfg.metric,
-                                              "nfe": tuning.cfg.nfe, "base_overrides": tuning.base,
-                                              "space": tuning.cfg.space})
     print(table)
     if best is not None:
         print(f"best config: {best}\n  benchmark it: python -m benchmark.run --config {best} nfe=1,2,4")

@@ -265,3 +265,29 @@ def test_inline_trials_run_one_after_another_with_journal_storage_and_a_pruner(t
     # the pruned trial's run stays resumable at its rung; the completed one is final
     assert len(list(results.glob("runs/*/final.pt"))) == 1 and len(list(results.glob("runs/*/state.pt"))) == 2
     assert len(list(results.glob("runs/*/rungs/*.json"))) == 3 and len(list(results.glob("runs/*/evals/*.json"))) == 1
+
+
+def test_benchmark_sync_mirrors_a_study_run_without_tracking(tmp_path, capsys) -> None:
+    """A study run with tracking off (or against a server that was down) reaches MLflow
+    later through benchmark.sync, once: its runs and its trials under the study's run."""
+    from mlflow.tracking import MlflowClient
+
+    from benchmark.sync import main as sync_main
+
+    results = tmp_path / "results"
+    path = write_space(tmp_path, n_trials=2, study="later", enqueue=[{"train.lr": GOOD}, {"train.lr": 1e-3}],
+                       space={"train.lr": {"type": "categorical", "choices": [GOOD, 1e-3]}})
+    assert tune_main([f"tune={path}", f"results_dir={results}", "tracking.enabled=false"]) == 0
+    assert not (results / "mlflow.db").exists()
+    capsys.readouterr()
+    assert sync_main([f"results_dir={results}"]) == 0
+    assert "mirrored 2 training(s), 2 evaluation(s) and 2 tuning trial(s)" in capsys.readouterr().out
+    assert sync_main([f"results_dir={results}"]) == 0
+    assert "mirrored 2 training(s), 2 evaluation(s) and 0 tuning trial(s)" in capsys.readouterr().out
+    client = MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("fewstep-bench").experiment_id])
+    kinds = sorted(r.data.tags["kind"] for r in runs)
+    assert kinds == ["evaluation"] * 2 + ["study"] + ["training"] * 2 + ["trial"] * 2
+    trials = {r.data.tags["optuna_trial"]: r for r in runs if r.data.tags["kind"] == "trial"}
+    assert sorted(trials) == ["0", "1"] and all(r.data.tags["optuna_study"] == "later" for r in trials.values())
+    assert "swd_nfe2" in trials["0"].data.metrics
