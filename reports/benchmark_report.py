@@ -130,6 +130,23 @@ for name, fig in figs.items():
         show(fig)
 
 # %% [markdown]
+# ## Tuning studies
+#
+# Optuna studies run with `python -m benchmark.tune` into this results folder: each one's
+# best trials, optimisation history and parameter importances (from `tune/<study>/`).
+
+# %%
+studies = sorted((results_dir / "tune").glob("*/best.md"))
+if not studies:
+    display(Markdown("No tuning study in this results folder."))
+for best in studies:
+    display(Markdown(f"### Study `{best.parent.name}`\n\n{best.read_text()}"))
+    for name in ("history", "importance"):
+        png = best.parent / f"{name}.png"
+        if png.is_file():
+            display(Image(filename=str(png)))
+
+# %% [markdown]
 # ## Provenance
 
 # %%

@@ -291,3 +291,21 @@ def test_benchmark_sync_mirrors_a_study_run_without_tracking(tmp_path, capsys) -
     trials = {r.data.tags["optuna_trial"]: r for r in runs if r.data.tags["kind"] == "trial"}
     assert sorted(trials) == ["0", "1"] and all(r.data.tags["optuna_study"] == "later" for r in trials.values())
     assert "swd_nfe2" in trials["0"].data.metrics
+
+
+def test_the_report_notebook_shows_each_study_with_its_best_trials_and_plots(tmp_path, capsys) -> None:
+    from benchmark import report
+
+    results = tmp_path / "results"
+    path = write_space(tmp_path, n_trials=2, study="shown", enqueue=[{"train.lr": GOOD}, {"train.lr": 1e-3}],
+                       space={"train.lr": {"type": "categorical", "choices": [GOOD, 1e-3]}})
+    assert tune_main([f"tune={path}", f"results_dir={results}", "tracking.enabled=false"]) == 0
+    assert report.main([f"results_dir={results}", f"notebook_dir={tmp_path / 'notebooks'}"]) == 0
+    page = (tmp_path / "notebooks" / "benchmark_report.html").read_text()
+    assert "Tuning studies" in page and "Study <code>shown</code>" in page
+    assert "swd @ 2 NFE" in page and "2 trials: 2 complete, 0 pruned, 0 failed" in page
+    import base64
+
+    for name in ("history", "importance"):  # embedded as written by the tuner
+        png = (results / "tune" / "shown" / f"{name}.png").read_bytes()
+        assert base64.b64encode(png).decode()[:2000] in page, name
