@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmark.schema import UserError
+
 TARGETS = {"fm": 1.0, "shortcut": 1.3, "meanflow": 1.6, "scm": 1.6, "imf": 2.2, "imf-adaln": 2.2,
            "fm-in-context": None}
 VARIANTS = {"imf-adaln": ("imf", ["method.conditioning_mode=adaln"]),
@@ -91,22 +93,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     parser.add_argument("--_data", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args._worker:
-        data = json.loads(args._data) if args._data else None
-        print(json.dumps(measure(args._worker, args.model, args.batch, args.steps, args.device, args.threads, data)))
-        return 0
-    with tempfile.TemporaryDirectory(prefix="stepcost-") as folder:
-        return _run(args, _random_latents(args.shape, Path(folder)) if args.shape else [])
+    try:
+        if args._worker:
+            data = json.loads(args._data) if args._data else None
+            print(json.dumps(measure(args._worker, args.model, args.batch, args.steps, args.device,
+                                     args.threads, data)))
+            return 0
+        shape = _parse_shape(args.shape) if args.shape else None
+        with tempfile.TemporaryDirectory(prefix="stepcost-") as folder:
+            return _run(args, _random_latents(shape, Path(folder)) if shape else [])
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
-def _random_latents(shape: str, folder: Path) -> list[str]:
-    """A ``data=latents`` shard of random inputs of ``shape`` (C,H,W); the overrides that use it."""
-    import numpy as np
-
+def _parse_shape(shape: str) -> tuple[int, int, int]:
     try:
         c, h, w = (int(v) for v in shape.split(","))
     except ValueError:
-        raise SystemExit(f"error: --shape {shape!r}; expected C,H,W, e.g. 4,32,32") from None
+        c = h = w = 0
+    if min(c, h, w) < 1:
+        raise UserError(f"--shape {shape!r} is not C,H,W; expected three positive integers, e.g. 4,32,32")
+    return c, h, w
+
+
+def _random_latents(shape: tuple[int, int, int], folder: Path) -> list[str]:
+    """A ``data=latents`` shard of random inputs of ``shape`` (C,H,W); the overrides that use it."""
+    import numpy as np
+
+    c, h, w = shape
     rng = np.random.default_rng(0)
     np.savez(folder / "train-00000.npz", latents=rng.standard_normal((512, c, h, w), dtype=np.float32),
              labels=rng.integers(0, 10, 512))
@@ -123,7 +138,11 @@ def _run(args, data: list[str]) -> int:
             cmd = [sys.executable, "-m", "benchmark.stepcost", "--_worker", m, "--model", args.model,
                    "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device,
                    "--threads", str(args.threads), "--_data", json.dumps(data)]
-            out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:  # the worker's own one-line error (e.g. a shape the DiT cannot patch)
+                lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
+                raise UserError(f"measuring {m} failed: {lines[-1].removeprefix('error: ')}")
+            out = json.loads(proc.stdout.splitlines()[-1])
             times[m] += out["times"]
             peaks[m].append(out["peak_bytes"])
             params = out["params"] if m == "fm" else params

@@ -77,7 +77,10 @@ class Tracker:
         """What was mirrored to *this* tracking URI (a run may be mirrored to several)."""
         path = self._ledger_path(train_key)
         ledgers = json.loads(path.read_text()) if path.is_file() else {}
-        return ledgers.get(self.uri, {"evals": {}})
+        return ledgers.get(self.uri, self._empty_ledger())
+
+    def _empty_ledger(self) -> dict:
+        return {"evals": {}}
 
     def _save_ledger(self, train_key: str, ledger: dict) -> None:
         path = self._ledger_path(train_key)
@@ -175,10 +178,8 @@ class StudyTracker(Tracker):
     def _ledger_path(self, train_key: str) -> Path:  # one ledger for the study
         return self.study_dir / "mlflow.json"
 
-    def _ledger(self, train_key: str) -> dict:
-        path = self._ledger_path(train_key)
-        ledgers = json.loads(path.read_text()) if path.is_file() else {}
-        return ledgers.get(self.uri, {"parent": None, "trials": {}})
+    def _empty_ledger(self) -> dict:
+        return {"parent": None, "trials": {}}
 
     def has_trial(self, number: int) -> bool:
         return str(number) in self._ledger("")["trials"]
@@ -191,8 +192,7 @@ class StudyTracker(Tracker):
         if ledger.get("parent"):
             return ledger["parent"]
         client = self._connect()
-        tags = {"kind": "study", "optuna_study": self.study, "objective": study_tags.get("objective", ""),
-                **{k: str(v)[:500] for k, v in study_tags.items()}}
+        tags = {"kind": "study", "optuna_study": self.study, **{k: str(v)[:500] for k, v in study_tags.items()}}
         run = client.create_run(self._experiment_id, run_name=f"study-{self.study}", tags=tags)
         client.set_terminated(run.info.run_id)  # children still attach; no run left "running"
         ledger["parent"] = run.info.run_id

@@ -209,8 +209,9 @@ class PreemptionAtStepEnd:
 
 def train(job: TrainingJob, store: Store, *, stop_after: int | None = None) -> Trainee | None:
     """Train ``job`` to ``train.steps`` (or stop after step ``stop_after``: tests, and the
-    intermediate evaluations of a tuning trial), resuming from the run folder's latest state.  Writes ``final.pt`` when done.  Returns
-    this process's trained networks, or None when the run was already trained.
+    intermediate evaluations of a tuning trial), resuming from the run folder's latest
+    state.  Writes ``final.pt`` when done.  Returns this process's trained networks, or
+    None when the run was already trained.
 
     Under torchrun every process calls this for the same jobs in the same order; rank 0
     holds the run lock and decides (for all) whether the run is already trained."""
@@ -237,9 +238,7 @@ def _train_locked(job: TrainingJob, store: Store, stop_after: int | None, rank: 
     state_path = store.state_path(job.key)
     if distributed.from_main(state_path.is_file() if rank == 0 else 0):  # all ranks load rank 0's state
         state = load_state(state_path, t.device)
-        t.net.load_state_dict(state["net"])
-        t.ema.load_state_dict(state["ema"])
-        t.method.load_state_dict(state["method"])
+        load_weights(t, state)
         opt.load_state_dict(state["opt"])
         start, curve, seconds = state["step"], state["curve"], state["seconds"]
         window = state["window"]  # losses since the last curve point
@@ -342,6 +341,13 @@ def _write_final(store: Store, job: TrainingJob, t: Trainee, curve: list, second
                                            "seconds": seconds, "curve": curve})
 
 
+def load_weights(t: Trainee, state: dict) -> None:
+    """Network, EMA and method state from a checkpoint (``state.pt`` or ``final.pt``)."""
+    t.net.load_state_dict(state["net"])
+    t.ema.load_state_dict(state["ema"])
+    t.method.load_state_dict(state["method"])
+
+
 def load_checkpoint(job: TrainingJob, store: Store, step: int) -> tuple[Trainee, dict] | None:
     """The run's networks at ``step`` from its latest state, or None when that state is at
     another step (a tuning trial evaluates an intermediate checkpoint right after it)."""
@@ -352,9 +358,7 @@ def load_checkpoint(job: TrainingJob, store: Store, step: int) -> tuple[Trainee,
     state = load_state(path, t.device)
     if state["step"] != step:
         return None
-    t.net.load_state_dict(state["net"])
-    t.ema.load_state_dict(state["ema"])
-    t.method.load_state_dict(state["method"])
+    load_weights(t, state)
     return t, state
 
 
@@ -362,7 +366,5 @@ def load_trained(job: TrainingJob, store: Store) -> tuple[Trainee, dict]:
     """The finished run's networks (weights from ``final.pt``) and its final state."""
     t = build_trainee(job.config, job.method_name, job.method_train)
     final = load_state(store.final_path(job.key), t.device)
-    t.net.load_state_dict(final["net"])
-    t.ema.load_state_dict(final["ema"])
-    t.method.load_state_dict(final["method"])
+    load_weights(t, final)
     return t, final

@@ -676,11 +676,13 @@ def _finish(tuning: Tuning, study, flight: Flight, outcome, tracker) -> int:
         study.tell(flight.number, state=TrialState.PRUNED, skip_if_finished=True)
         print(f"trial {flight.number}: pruned at step {outcome.result['step']} ({metric}="
               f"{outcome.result['value']:.4f}) {_fmt_params(flight.params)}", flush=True)
+    elif not math.isfinite(outcome.result["value"]):
+        _fail(study, flight.trial_id, flight.number, f"{metric} is {outcome.result['value']} at nfe={tuning.cfg.nfe}")
+        study.tell(flight.number, state=TrialState.FAIL, skip_if_finished=True)
+        failed = 1
     else:
         value = outcome.result["value"]
-        state = TrialState.COMPLETE if math.isfinite(value) else TrialState.FAIL
-        study.tell(flight.number, value if state == TrialState.COMPLETE else None, state=state,
-                   skip_if_finished=True)
+        study.tell(flight.number, value, skip_if_finished=True)
         print(f"trial {flight.number}: {metric}={value:.4f} {_fmt_params(flight.params)}", flush=True)
     _mirror(tuning, study, flight, tracker)
     return failed
@@ -749,6 +751,8 @@ def _mirror_missed(tuning: Tuning, study, tracker) -> None:
     done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     for t in study.get_trials(deepcopy=False, states=done):
         overrides = t.system_attrs.get("bench:overrides")
+        if tracker.down:
+            return  # warned once already; benchmark.sync mirrors the rest later
         if tracker.has_trial(t.number) or not overrides:
             continue
         plan, job, objective = plan_trial(list(overrides))
