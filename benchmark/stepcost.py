@@ -31,9 +31,9 @@ from pathlib import Path
 
 from benchmark.schema import UserError
 
-TARGETS = {"fm": 1.0, "shortcut": 1.3, "meanflow": 1.6, "scm": 1.6, "imf": 2.2, "imf-adaln": 2.2,
+TARGETS = {"fm": 1.0, "shortcut": 1.3, "meanflow": 1.6, "scm": 1.6, "imf": 2.2, "imf-in-context": None,
            "fm-in-context": None}
-VARIANTS = {"imf-adaln": ("imf", ["method.conditioning_mode=adaln"]),
+VARIANTS = {"imf-in-context": ("imf", ["model.conditioning_mode=in_context"]),
             "fm-in-context": ("fm", ["model.conditioning_mode=in_context"])}
 """Rows that are a method with overrides: iMF's default in-context prefix tokens (36 tokens
 on 8x8 digits against FM's 16) change the architecture; ``imf-adaln`` is iMF on exactly

@@ -34,8 +34,10 @@ Training step (official ``iMeanFlow.forward``):
    psi the MeanFlow adaptive weight on the per-sample sum over dims (p = 1, c = 0.01).
    ||V - v_g||^2 equals MeanFlow's ||u - (v_g - (t - r) du/dt)||^2 exactly.
 
-Unconditional data (num_classes = 0): no CFG, omega = 1, v_g = eps - x, and the v-call is a
-single B-sized batch (it still gives the JVP tangent).
+Unconditional data (num_classes = 0): no CFG, omega = 1, v_g = eps - x, the interval is fed
+as [0, 1] to every sample (it has no meaning without guidance; the official code is
+class-conditional only), and the v-call is a single B-sized batch (it still gives the JVP
+tangent).
 
 Cost per step (boundary head): a 2B no-grad forward, one JVP pass (primal + tangent) and
 one backward: about 2.2x a Flow Matching step where a backward costs two forwards.  On CPU
@@ -155,11 +157,11 @@ class ImprovedMeanFlow(Method):
 
     def backbone_options(self) -> dict[str, Any]:
         aux_depth = self.cfg.aux_depth if self.cfg.v_head == "aux" else 0
-        return {"conditioning_mode": self.cfg.conditioning_mode, "aux_depth": aux_depth}
+        return {"aux_depth": aux_depth}
 
     def loss(
         self, net: nn.Module, batch: Batch, *, step: int, generator: torch.Generator,
-        ema_net: nn.Module | None = None,
+        teacher: nn.Module | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """psi(||V - v_g||^2) (+ psi(||v_aux - v_g||^2) with the aux head) for a batch x
         (B, *shape); logs the loss and the per-element squared errors."""
@@ -173,7 +175,11 @@ class ImprovedMeanFlow(Method):
         eps = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
         z = (1 - broadcast_time(t, x)) * x + broadcast_time(t, x) * eps
         v = eps - x
-        t_min, t_max = sample_interval(n, cfg.interval_split, t == r, generator, device)
+        # unconditional data: no guidance (omega = 1), so the interval has no meaning; it is
+        # fed as [0, 1] everywhere, as at sampling, instead of random inputs the net must
+        # learn to ignore (and would meet as [0, 1] with h > 0 only at sampling)
+        no_interval = (t == r) | (self.num_classes == 0)
+        t_min, t_max = sample_interval(n, cfg.interval_split, no_interval, generator, device)
         t_min, t_max = t_min.to(x.dtype), t_max.to(x.dtype)
         omega = self.sample_omega(n, generator, device).to(x.dtype)
         v_c, v_g, y = self.training_field(net, z, t, v, batch.y, omega, t_min, t_max, generator)

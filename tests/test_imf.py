@@ -345,9 +345,9 @@ def test_spec_declares_input_guidance_eval_interval_and_backbone_options() -> No
     assert ImprovedMeanFlowConfig.fields_on("eval") == ["interval_min", "interval_max"]
     assert spec.nfe_cost(cfg, 3, 8.0) == 3
     default = ImprovedMeanFlow(cfg, 3).backbone_options()
-    assert default == {"conditioning_mode": "in_context", "aux_depth": 0}
-    aux = ImprovedMeanFlow(ImprovedMeanFlowConfig(v_head="aux", conditioning_mode="adaln"), 3)
-    assert aux.backbone_options() == {"conditioning_mode": "adaln", "aux_depth": 8}
+    assert default == {"aux_depth": 0}  # the conditioning mode is the model's, as for every method
+    aux = ImprovedMeanFlow(ImprovedMeanFlowConfig(v_head="aux"), 3)
+    assert aux.backbone_options() == {"aux_depth": 8}
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -1,6 +1,8 @@
 """MLP backbone for low-dimensional (1-D / 2-D toy) data, same interface as the DiT.
 
-Conditioning modulates rather than concatenates: every hidden layer's pre-activation is
+Scalar conditions in [0, 1] (t, r, h, omega, interval) are embedded from their value
+itself, not from sinusoids (``embed.ScalarEmbedder``, kind ``linear``); Shortcut's integer
+step level keeps the sinusoids.  Conditioning modulates rather than concatenates: every hidden layer's pre-activation is
 scaled and shifted by a projection of the condition embedding (FiLM, the adaLN idea).  A
 plain MLP fed (z, t, r) as extra inputs learns the z * a(t) structure of the exact fields
 far too slowly for MeanFlow/iMF (METHODS.md §10).
@@ -12,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.backbones.embed import ConditionEmbedder, sinusoidal
+from benchmark.backbones.embed import CONTINUOUS_SLOTS, ConditionEmbedder
 from benchmark.backbones.tangent import (
     layer_with_tangent,
     modulation_tangent,
@@ -60,7 +62,7 @@ def condition_with_tangent(
     dc = torch.zeros_like(c)
     for s in embed.slots:
         embedder = embed.scalars[s]
-        features = sinusoidal(cond[s], embedder.freq_dim)
+        features = embedder.features(cond[s])
         e, de = scalar_embedder_with_tangent(embedder, features, cond_tangents.get(s))
         c = c + e
         if de is not None:
@@ -90,7 +92,9 @@ class MLPBackbone(nn.Module):
             raise ValueError(f"aux_depth={aux_depth} must be in [0, depth={depth})")
         self.shape = tuple(shape)
         dim = int(torch.Size(shape).numel())
-        self.embed = ConditionEmbedder(slots, num_classes, cond_dim)
+        # continuous conditions enter as their value (one linear feature), Shortcut's level
+        # as sinusoids: see embed.ScalarEmbedder and docs/methods.md (toy findings)
+        self.embed = ConditionEmbedder(slots, num_classes, cond_dim, linear_slots=CONTINUOUS_SLOTS)
         self.inp = nn.Linear(dim, width)
         self.trunk = nn.ModuleList(FiLMLayer(width, cond_dim) for _ in range(depth - aux_depth))
         self.tail = nn.ModuleList(FiLMLayer(width, cond_dim) for _ in range(aux_depth))

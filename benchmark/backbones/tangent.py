@@ -124,5 +124,5 @@ def scalar_embedder_with_tangent(
     if ds is None:
         return embedder.mlp(features), None
     with torch.no_grad():
-        d_features = sinusoidal_tangent(features, ds)
+        d_features = embedder.features_tangent(features, ds)
     return sequential_with_tangent(embedder.mlp, features, d_features)

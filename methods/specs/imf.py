@@ -12,6 +12,10 @@ keeps every method on the same backbone with the same parameters (the suite's fa
 rule), builds on every backbone (the toy MLP has 4 layers) and keeps a training step near
 2.2x a Flow Matching step (methods/imf.py), while the aux head adds ``aux_depth`` blocks to
 every pass (8 of 12 for B/2) and parameters the other methods do not get.
+The backbone's conditioning mode is a model axis shared by every method
+(``model.conditioning_mode``): adaLN by default, like the other four methods, so an iMF row
+differs from its neighbours only by the method; ``model.conditioning_mode=in_context`` gives
+the official imfDiT's prefix tokens (to any method).
 As in the official imfDiT the network has no t input (noise-conditioning-free);
 ``time_input=True`` adds one for toy data, where z alone does not reveal the noise level.
 
@@ -28,7 +32,6 @@ from methods.specs.meanflow import SELECTIONS, check_choice, check_unit
 
 V_HEADS = ("boundary", "aux")
 UNCOND_OMEGAS = ("one", "omega")
-CONDITIONING_MODES = ("in_context", "adaln")
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,6 @@ class ImprovedMeanFlowConfig(MethodConfig):
     uncond_omega: str = train_field("one", "one: v_u at omega = 1 (official code); omega: at the sampled omega (paper Algorithm 2, issue #8)")
     v_head: str = train_field("boundary", "boundary: v = u(z, h = 0) (paper; same backbone as other methods); aux: auxiliary v-head (released code)")
     aux_depth: int = train_field(8, "blocks duplicated into the aux v-head when v_head=aux (official 8); must be < model depth")
-    conditioning_mode: str = train_field("in_context", "in_context prefix tokens (official imfDiT) or adaln; the MLP ignores it")
     time_input: bool = train_field(False, "also feed t (slot 't'); official: False (h only). Toys need True: 1-D/2-D z does not reveal t")
     label_dropout: float = train_field(0.1, "null-label probability per sample (CFG training)")
     label_drop_position: str = train_field("first", "first: the first Binomial(B, p) samples (official, all in the r = t block); random: independent positions")
@@ -57,7 +59,6 @@ class ImprovedMeanFlowConfig(MethodConfig):
         check_choice("label_drop_position", self.label_drop_position, SELECTIONS)
         check_choice("uncond_omega", self.uncond_omega, UNCOND_OMEGAS)
         check_choice("v_head", self.v_head, V_HEADS)
-        check_choice("conditioning_mode", self.conditioning_mode, CONDITIONING_MODES)
         check_unit("ratio_r_neq_t", self.ratio_r_neq_t)
         check_unit("label_dropout", self.label_dropout)
         check_unit("interval_split", self.interval_split)
@@ -72,7 +73,7 @@ class ImprovedMeanFlowConfig(MethodConfig):
 
 class ImprovedMeanFlowSpec(MethodSpec):
     name = "imf"
-    version = 1
+    version = 2  # 2: unconditional data feed the interval [0, 1] to every sample
     Config = ImprovedMeanFlowConfig
     guidance = "eval_input"
 
