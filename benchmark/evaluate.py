@@ -27,23 +27,25 @@ from benchmark.plan import EvalJob, TrainingJob
 from benchmark.sample import Generated, balanced_labels, generate
 from benchmark.schema import EvalConfig
 from benchmark.store import Store, atomic_write_bytes
-from benchmark.train import Trainee
+from benchmark.train import Trainee, evaluation_net
 
 
 def _digits_metrics(gen: Generated, dataset: Dataset, cache_dir: Path, seed: int,
                     eval_cfg: EvalConfig | None = None) -> dict:
-    from benchmark.metrics.digits import digits_floor, evaluate_digits
+    from benchmark.metrics.digits import digits_report
 
-    metrics = evaluate_digits(gen.samples, gen.labels, cache_dir=cache_dir)
-    floor = digits_floor(cache_dir=cache_dir)
-    return {**metrics, "fd_floor": floor["fd"], "kid_floor": floor["kid"]}
+    metrics, intervals = digits_report(gen.samples, gen.labels, cache_dir=cache_dir,
+                                       draws=(eval_cfg or EvalConfig()).bootstrap)
+    return {**metrics, "intervals": intervals}
 
 
 def _toy_metrics(gen: Generated, dataset: Dataset, cache_dir: Path, seed: int,
                  eval_cfg: EvalConfig | None = None) -> dict:
     from benchmark.metrics.toy import evaluate_toy
 
-    return evaluate_toy(gen.samples, dataset, num_reference=max(2000, gen.samples.shape[0]), seed=seed)
+    draws = min(30, (eval_cfg or EvalConfig()).bootstrap)  # each draw re-sorts 20k x 128 projections
+    return evaluate_toy(gen.samples, dataset, num_reference=max(2000, gen.samples.shape[0]), seed=seed,
+                        draws=draws)
 
 
 def _fid_metrics(gen: Generated, dataset: Dataset, cache_dir: Path, seed: int,
@@ -65,29 +67,30 @@ METRIC_SUITES: dict[str, Callable[..., dict]] = {
 
 def evaluate(job: TrainingJob, ev: EvalJob, trainee: Trainee, store: Store, final: dict) -> dict:
     """Run one evaluation point and write its record and sample grid (atomically)."""
-    cfg, ds = job.config, trainee.dataset
-    net = trainee.ema if cfg.eval.use_ema else trainee.net
-    labels = balanced_labels(cfg.eval.num_samples, ds.num_classes)
+    cfg, ds, ec = job.config, trainee.dataset, ev.eval
+    net = evaluation_net(trainee, store, ev.train_key, ec.ema, final["step"])
+    labels = balanced_labels(ec.num_samples, ds.num_classes)
     guidance = ev.identity["guidance"]
     gen = generate(trainee.method, net, shape=ds.shape, labels=labels, nfe=ev.nfe, guidance=guidance,
-                   seed=cfg.eval.seed, batch_size=cfg.eval.batch_size, eval_params=ev.method_eval,
+                   seed=ec.seed, batch_size=ec.batch_size, eval_params=ev.method_eval,
                    device=trainee.device)
     tick = time.perf_counter()
     suite = METRIC_SUITES[dataset_info(cfg.data.name).metric]
-    metrics = suite(gen, ds, store.cache_dir(), cfg.eval.seed, cfg.eval)
+    metrics = suite(gen, ds, store.cache_dir(), ec.seed, ec)
     metric_seconds = time.perf_counter() - tick
     reference = metrics.pop("reference", None)  # the fid suite names its real reference
+    intervals = metrics.pop("intervals", {})
     atomic_write_bytes(store.grid_path(ev.train_key, ev.key),
-                       sample_grid_png(gen.samples, gen.labels, ds, cfg.eval.grid_per_class))
+                       sample_grid_png(gen.samples, gen.labels, ds, ec.grid_per_class))
     record = {
         "train_key": ev.train_key, "eval_key": ev.key, "method": job.method_name,
         "model": cfg.model.name, "data": cfg.data.name, "seed": cfg.seed,
         "nfe": ev.nfe, "nfe_counted": gen.nfe_counted, "nfe_declared": ev.nfe_counted,
-        "guidance": ev.guidance, "method_train": job.method_train, "method_eval": ev.method_eval,
-        "num_samples": cfg.eval.num_samples, "train_steps": cfg.train.steps,
-        "sample_seconds": gen.seconds, "sec_per_sample": gen.seconds / cfg.eval.num_samples,
+        "guidance": ev.guidance, "ema": ec.ema, "method_train": job.method_train, "method_eval": ev.method_eval,
+        "num_samples": ec.num_samples, "train_steps": cfg.train.steps,
+        "sample_seconds": gen.seconds, "sec_per_sample": gen.seconds / ec.num_samples,
         "metric_seconds": metric_seconds, "train_seconds": final.get("seconds"),
-        "metrics": metrics, "checkpoint": ev.identity["checkpoint"], "identity": ev.identity,
+        "metrics": metrics, "intervals": intervals, "checkpoint": ev.identity["checkpoint"], "identity": ev.identity,
         "provenance": provenance(trainee.device),
     }
     if reference is not None:

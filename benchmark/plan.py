@@ -22,7 +22,14 @@ from benchmark.catalog import (
 from benchmark.config import Point
 from benchmark.keys import short_hash
 from benchmark.metrics.inception import extractor_weights_identity
-from benchmark.schema import FID_SUITE_FIELDS, RunConfig, UserError, method_config, semantic_fields
+from benchmark.schema import (
+    FID_SUITE_FIELDS,
+    EvalConfig,
+    RunConfig,
+    UserError,
+    method_config,
+    semantic_fields,
+)
 from methods.specs import InvalidPoint, get_spec
 
 
@@ -44,6 +51,9 @@ class EvalJob:
     guidance: float
     method_eval: dict[str, Any]
     identity: dict[str, Any]
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig())
+    """This point's eval group (sample count, seed, EMA, ...): an evaluation axis, so it is
+    the point's own, not the training job's."""
 
     @property
     def rung(self) -> bool:
@@ -147,6 +157,8 @@ def _plan_point(point: Point, plan: Plan, notified: set) -> tuple[TrainingJob, E
     train_fields, eval_fields = mcfg.split()
     data = dataset_info(cfg.data.name)
     _check_backbone(cfg, data.kind)
+    if cfg.eval.num_samples is None:  # the dataset's default, resolved here so keys carry the number
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, num_samples=data.eval_samples))
     guidance = cfg.guidance
     if spec.guidance == "train":
         train_fields[spec.guidance_field] = guidance
@@ -170,7 +182,8 @@ def _plan_point(point: Point, plan: Plan, notified: set) -> tuple[TrainingJob, E
         "metric": metric,
     }
     ev = EvalJob(short_hash(eval_identity), train_key, cfg.nfe,
-                 spec.nfe_cost(mcfg, cfg.nfe, eval_guidance), guidance, eval_fields, eval_identity)
+                 spec.nfe_cost(mcfg, cfg.nfe, eval_guidance), guidance, eval_fields, eval_identity,
+                 cfg.eval)
     return job, ev
 
 

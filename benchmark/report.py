@@ -33,6 +33,7 @@ import pandas as pd
 from benchmark.schema import UserError
 from benchmark.store import atomic_write_bytes
 from benchmark.table import (
+    FLOORS,
     config_columns,
     metric_info,
     quality_metric,
@@ -156,17 +157,35 @@ def _key_text(value) -> str:
 
 def aggregate(df: pd.DataFrame, values: list[str], axes: set[str]) -> pd.DataFrame:
     """One row per configuration (seeds pooled): its settings, ``label`` (see
-    :func:`variant_labels`), the first sample grid, and per value its mean, ``<v>.std``
-    and the count ``n``."""
+    :func:`variant_labels`), the first sample grid, the count ``n`` and per value: its mean,
+    ``<v>.std``, the per-seed values ``<v>.values`` and a 95% interval ``<v>.lo``/``<v>.hi``.
+
+    The interval is Student's t over the seeds where a configuration was run with ``n > 1``
+    seeds (mean +- t_{0.975, n-1} std / sqrt(n)); with one seed it is that evaluation's own
+    bootstrap interval (``metric.<name>_lo/_hi`` in the record), which measures only the
+    sampling noise of the metric."""
+    from scipy import stats
+
     keys = config_columns(df)
     values = [v for v in values if v in df.columns]
     # a text key per configuration: NaN-holding settings group reliably as text
     config = pd.Series(["\x1f".join(map(_key_text, row)) for row in df[keys].itertuples(index=False)],
                        index=df.index)
     groups = df.assign(label=variant_labels(df, axes), _config=config).groupby("_config", sort=False)
-    return pd.concat([groups[keys + ["label", "grid"]].first(), groups[values].mean(),
-                      groups[values].std(ddof=1).add_suffix(".std"), groups.size().rename("n")],
-                     axis=1).reset_index(drop=True)
+    out = pd.concat([groups[keys + ["label", "grid"]].first(), groups[values].mean(),
+                     groups[values].std(ddof=1).add_suffix(".std"), groups.size().rename("n")],
+                    axis=1).reset_index(drop=True)
+    lists = groups[values].agg(list).reset_index(drop=True)
+    firsts = groups.first().reset_index(drop=True)
+    for v in values:
+        out[f"{v}.values"] = lists[v]
+        half = stats.t.ppf(0.975, (out["n"] - 1).clip(lower=1)) * out[f"{v}.std"] / out["n"] ** 0.5
+        lo = firsts[f"{v}_lo"] if f"{v}_lo" in firsts else pd.Series(math.nan, index=out.index)
+        hi = firsts[f"{v}_hi"] if f"{v}_hi" in firsts else pd.Series(math.nan, index=out.index)
+        seeds = out["n"] > 1
+        out[f"{v}.lo"] = (out[v] - half).where(seeds, lo)
+        out[f"{v}.hi"] = (out[v] + half).where(seeds, hi)
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -179,10 +198,11 @@ def fmt(value: float) -> str:
     return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
 
 
-def fmt_cell(mean: float, std: float, n: int) -> str:
-    if n > 1 and not math.isnan(std):
-        return f"{fmt(mean)} ± {fmt(std)}"
-    return fmt(mean)
+def fmt_cell(mean: float, lo: float, hi: float) -> str:
+    """``mean ± half-width`` of its 95% interval (the mean alone when there is none)."""
+    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (lo, hi)):
+        return fmt(mean)
+    return f"{fmt(mean)} ± {fmt((hi - lo) / 2)}"
 
 
 @dataclass
@@ -243,37 +263,94 @@ def _metric_title(metric: str) -> str:
     return f"{info.label} ({better})" if better else info.label
 
 
-def _best_mask(values: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """True where a cell holds its column's best mean (ties all marked)."""
+SIGNIFICANCE = 0.05
+"""Level of the one-sided test a best cell must pass against the runner-up."""
+
+
+def resolved_better(a: dict, b: dict, lower: bool) -> bool:
+    """Is cell ``a`` significantly better than cell ``b``?  Each is {mean, lo, hi, values}.
+
+    With at least two seeds on both sides: Welch's t-test, one-sided, at level
+    ``SIGNIFICANCE``.  Otherwise (one evaluation on a side): the two 95% intervals must not
+    overlap, a conservative test (non-overlap of 95% intervals implies p < 0.01)."""
+    from scipy import stats
+
+    sign = 1.0 if lower else -1.0
+    if len(a["values"]) > 1 and len(b["values"]) > 1:
+        t, p = stats.ttest_ind(a["values"], b["values"], equal_var=False)
+        return bool(sign * t < 0 and p / 2 < SIGNIFICANCE)
+    if any(math.isnan(x) for x in (a["lo"], a["hi"], b["lo"], b["hi"])):
+        return False
+    return a["hi"] < b["lo"] if lower else a["lo"] > b["hi"]
+
+
+def _best_mask(cells: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """True where a cell holds its column's best mean *and* is resolved better than the
+    runner-up (:func:`resolved_better`); a column with one entry marks nothing.  ``cells``
+    holds per cell a dict {mean, lo, hi, values} or NaN."""
     lower = metric_info(metric).lower_is_better
+    mask = cells.map(lambda _: False)
     if lower is None:
-        return values.map(lambda _: False)
-    best = values.min() if lower else values.max()
-    return values.eq(best, axis="columns") & values.notna()
+        return mask
+    for col in cells.columns:
+        entries = [(i, c) for i, c in cells[col].items() if isinstance(c, dict) and not math.isnan(c["mean"])]
+        if len(entries) < 2:
+            continue
+        entries.sort(key=lambda e: e[1]["mean"] if lower else -e[1]["mean"])
+        (best_i, best), (_, runner_up) = entries[0], entries[1]
+        mask.at[best_i, col] = resolved_better(best, runner_up, lower)
+    return mask
+
+
+def _cells(agg: pd.DataFrame, metric: str, row: str, col: str) -> dict[tuple, dict]:
+    """(row, col) -> {mean, lo, hi, std, n, values} of one configuration's metric."""
+    out = {}
+    for _, r in agg.iterrows():
+        out[(r[row], r[col])] = {"mean": float(r[metric]), "lo": float(r[f"{metric}.lo"]),
+                                 "hi": float(r[f"{metric}.hi"]), "std": float(r[f"{metric}.std"]),
+                                 "n": int(r["n"]), "values": [float(v) for v in r[f"{metric}.values"]
+                                                              if not pd.isna(v)]}
+    return out
+
+
+def interval_note(agg: pd.DataFrame, metric: str) -> str:
+    """One sentence on what the ± means and how the best cell was decided."""
+    seeds = int(agg["n"].max())
+    what = (f"mean ± half-width of the 95% interval over {seeds} training seeds (Student's t)" if seeds > 1
+            else "value ± half-width of its 95% bootstrap interval (sampling noise of one evaluation; one seed)")
+    if metric_info(metric).lower_is_better is None:
+        return f"{what}; a diagnostic, nothing is marked best"
+    test = ("Welch's one-sided t-test at 5% over seeds" if seeds > 1
+            else "non-overlapping 95% intervals")
+    return f"{what}; bold: the best of a column, only where it beats the runner-up ({test})"
 
 
 def pivot_table(agg: pd.DataFrame, metric: str, row: str, col: str, cols: list, kind: str,
                 title: str, row_name: str, col_name: str) -> Table:
-    """Rows x columns of mean ± std of ``metric`` with the best cell per column marked."""
-    mean = agg.pivot(index=row, columns=col, values=metric).reindex(columns=cols)
-    std = agg.pivot(index=row, columns=col, values=f"{metric}.std").reindex(columns=cols)
-    n = agg.pivot(index=row, columns=col, values="n").reindex(columns=cols)
-    mean = mean.reindex(list(dict.fromkeys(agg[row])))
-    std, n = std.reindex(mean.index), n.reindex(mean.index)
-    best = _best_mask(mean, metric)
+    """Rows x columns of ``metric`` (mean ± 95% half-width) with a column's best cell marked
+    where the difference to the runner-up is resolved."""
+    cells = _cells(agg, metric, row, col)
+    labels = list(dict.fromkeys(agg[row]))
+    grid = pd.DataFrame([[cells.get((label, c), math.nan) for c in cols] for label in labels],
+                        index=labels, columns=cols, dtype=object)
+    best = _best_mask(grid, metric)
     header = [row_name, *[f"{col_name} {_short(c)}" for c in cols]]
     rows, bold = [], []
-    for label in mean.index:
-        rows.append([str(label)] + [fmt_cell(mean.at[label, c], std.at[label, c], 0 if pd.isna(n.at[label, c])
-                                             else int(n.at[label, c])) for c in cols])
+    for label in labels:
+        row_cells = [grid.at[label, c] for c in cols]
+        rows.append([str(label)] + [fmt_cell(x["mean"], x["lo"], x["hi"]) if isinstance(x, dict) else "–"
+                                    for x in row_cells])
         bold.append([False] + [bool(best.at[label, c]) for c in cols])
-    numbers = pd.DataFrame([{"row": label, col: c, "mean": mean.at[label, c], "std": std.at[label, c],
-                             "n": n.at[label, c], "best": bool(best.at[label, c])}
-                            for label in mean.index for c in cols if pd.notna(mean.at[label, c])])
-    seeds = int(agg["n"].max())
-    note = f"mean ± std over {seeds} seeds where repeated; best per column in bold" if seeds > 1 \
-        else "one seed per cell (no uncertainty); best per column in bold"
-    return Table(kind, title, header, rows, bold, numbers, note, {"metric": metric})
+    numbers = pd.DataFrame([{"row": label, col: c, "mean": x["mean"], "lo": x["lo"], "hi": x["hi"],
+                             "std": x["std"], "n": x["n"], "best": bool(best.at[label, c])}
+                            for label in labels for c in cols
+                            if isinstance(x := grid.at[label, c], dict)])
+    return Table(kind, title, header, rows, bold, numbers, interval_note(agg, metric), {"metric": metric})
+
+
+def _as_metric(agg: pd.DataFrame, col: str, metric: str) -> pd.DataFrame:
+    """``metric.<m>`` and its ``.std/.lo/.hi/.values`` columns renamed to ``<m>...``."""
+    return agg.rename(columns={f"{col}{s}": f"{metric}{s}" for s in ("", ".std", ".lo", ".hi", ".values")})
 
 
 def _sorted_rows(agg: pd.DataFrame, extra: list[str]) -> pd.DataFrame:
@@ -292,7 +369,7 @@ def method_nfe_tables(df: pd.DataFrame, metrics: list[str]) -> list[Table]:
             if agg[col].isna().all():
                 continue
             title = f"{data} · {model} · {_metric_title(metric)} by NFE"
-            t = pivot_table(agg.rename(columns={col: metric, f"{col}.std": f"{metric}.std"}), metric,
+            t = pivot_table(_as_metric(agg, col, metric), metric,
                             "label", "nfe", nfes, "method_nfe", title, "method", "NFE")
             t.meta.update(data=data, model=model)
             tables.append(t)
@@ -321,7 +398,7 @@ def axis_tables(df: pd.DataFrame, metrics: list[str], axis: str, kind: str) -> l
             col = f"metric.{metric}"
             where = " · ".join(map(str, group))
             title = f"{where} · {_metric_title(metric)} by {'guidance scale' if axis == 'guidance' else 'model size'}"
-            t = pivot_table(agg.rename(columns={col: metric, f"{col}.std": f"{metric}.std"}), metric, "row",
+            t = pivot_table(_as_metric(agg, col, metric), metric, "row",
                             axis, cols, kind, title, "method @ NFE", "ω" if axis == "guidance" else "model")
             t.meta.update(data=group[0])
             tables.append(t)
@@ -352,7 +429,7 @@ def pareto_tables(df: pd.DataFrame) -> list[Table]:
         agg = agg.sort_values(["sec_per_sample", col]).reset_index(drop=True)
         header = ["method", "model", "NFE", "counted", "ω", "s/sample", metric_info(metric).label, "front"]
         rows = [[r.label, str(r.model), str(r.nfe), f"{r.nfe_counted:g}", f"{r.guidance:g}",
-                 f"{r.sec_per_sample:.2e}", fmt_cell(r[col], r[f"{col}.std"], int(r.n)),
+                 f"{r.sec_per_sample:.2e}", fmt_cell(r[col], r[f"{col}.lo"], r[f"{col}.hi"]),
                  "✓" if r.front else ""] for _, r in agg.iterrows()]
         bold = [[bool(r.front)] * len(header) for _, r in agg.iterrows()]
         numbers = agg[["label", "model", "nfe", "nfe_counted", "guidance", "sec_per_sample", col,
@@ -408,14 +485,29 @@ def write_tables(tables: dict[str, list[Table]], out: Path) -> list[Path]:
     return written
 
 
-def write_summary(tables: dict[str, list[Table]], plots: list[Path], out: Path, floor: float | None) -> Path:
+def floor_lines(selection: pd.DataFrame) -> list[str]:
+    """One line per floor the selection records (digits: FD∞ and KID of the 297 held-out test
+    images against the train split, measured like every row), with its 95% interval."""
+    lines = []
+    for metric, floor in FLOORS.items():
+        col = f"metric.{floor}"
+        if col in selection.columns and selection[col].notna().any():
+            row = selection[selection[col].notna()].iloc[0]
+            interval = (f" [{fmt(row[col + '_lo'])}, {fmt(row[col + '_hi'])}]"
+                        if f"{col}_lo" in selection.columns else "")
+            lines.append(f"{metric_info(floor).label}: {fmt(row[col])}{interval} (held-out test images "
+                         f"against the same reference: what a perfect generator scores on {metric_info(metric).label})")
+    return lines
+
+
+def write_summary(tables: dict[str, list[Table]], plots: list[Path], out: Path, floors: list[str]) -> Path:
     """``report.md``: the headline tables and every plot, ready to paste into a README."""
     lines = ["# Benchmark report", "", "Generated by `python -m benchmark.report`; do not edit by hand.", ""]
     for items in tables.values():
         for t in items:
             lines += [f"## {t.title}", "", t.to_markdown(), "", t.note, ""]
-    if floor is not None:
-        lines += [f"FD floor (digits test split vs train split): {floor:.3f}", ""]
+    for line in floors:
+        lines += [line, ""]
     lines += [f"![{p.stem}](plots/{p.name})" for p in plots]
     path = out / "report.md"
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
@@ -557,8 +649,7 @@ def run(opts: Options) -> dict:
     written = write_tables(tables, out)
     curves = read_table(table_path.parent / "curves.parquet")
     figures = plots.write_plots(selection, curves, opts.results_dir, out / "plots", opts.metric)
-    floor = selection["metric.fd_floor"].min() if "metric.fd_floor" in selection.columns else None
-    summary = write_summary(tables, figures, out, None if floor is None or pd.isna(floor) else float(floor))
+    summary = write_summary(tables, figures, out, floor_lines(selection))
     result = {"table": table_path, "rows": len(selection), "tables": written, "plots": figures, "summary": summary}
     if opts.notebook:
         params = {"table": str(table_path.resolve()), "filters": filters, "metric": opts.metric}

@@ -91,33 +91,46 @@ def print_plan(plan: Plan, store: Store) -> None:
         state = "cached" if store.has_eval(ev.train_key, ev.key) else "missing"
         params = "".join(f" {k}={v}" for k, v in ev.method_eval.items())
         print(f"  eval {ev.key}  [{state}]  train={ev.train_key} nfe={ev.nfe} "
-              f"(passes {ev.nfe_counted}) guidance={ev.guidance:g}{params}")
+              f"(passes {ev.nfe_counted}) guidance={ev.guidance:g} ema={ev.eval.ema}{params}")
 
 
 def format_table(records: list[dict]) -> str:
-    """Method, NFE (steps and counted), the dataset's metrics, seconds per sample."""
-    metric_cols = [("fd", "FD"), ("kid", "KID"), ("class_acc", "class acc"), ("swd", "SWD"), ("mmd", "MMD")]
-    present = [(k, h) for k, h in metric_cols if any(k in r["metrics"] for r in records)]
-    header = ["method", "model", "NFE", "counted", "guidance", *[h for _, h in present], "s/sample"]
+    """Method, NFE (steps and counted), guidance, EMA, each dataset's table metrics as
+    ``value ± half-width of the 95% interval``, seconds per sample; then the floors."""
+    from benchmark.table import FLOORS, metric_info, table_metrics
+
+    names = list(dict.fromkeys(m for r in records for m in table_metrics(r["data"])))
+    present = [m for m in names if any(m in r["metrics"] for r in records)]
+    header = ["method", "model", "NFE", "counted", "guidance", "EMA",
+              *[metric_info(m).label for m in present], "s/sample"]
     rows = []
     for r in records:
-        cells = [r["method"], r["model"], str(r["nfe"]), f"{r['nfe_counted']:g}", f"{r['guidance']:g}"]
-        cells += [_fmt(r["metrics"].get(k)) for k, _ in present]
+        cells = [r["method"], r["model"], str(r["nfe"]), f"{r['nfe_counted']:g}", f"{r['guidance']:g}",
+                 str(r.get("ema", "-"))]
+        cells += [_fmt(r["metrics"].get(m), r.get("intervals", {}).get(m)) for m in present]
         cells.append(f"{r['sec_per_sample']:.2e}")
         rows.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
-    floors = {r["metrics"].get("fd_floor") for r in records} - {None}
-    if floors:
-        out.append(f"FD floor (digits test split vs train split): {min(floors):.3f}")
+    for metric, floor in FLOORS.items():
+        have = [r for r in records if floor in r["metrics"]]
+        if have and metric in present:
+            out.append(f"{metric_info(floor).label} (297 held-out test images, measured like the rows): "
+                       f"{_fmt(have[0]['metrics'][floor], have[0].get('intervals', {}).get(floor))}")
+    if any(r.get("intervals") for r in records):
+        out.append("± : half-width of the 95% bootstrap interval of each evaluation (sampling noise)")
     return "\n".join(out)
 
 
-def _fmt(v) -> str:
+def _fmt(v, interval=None) -> str:
     if v is None:
         return "-"
-    return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    text = f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    if interval and all(x is not None and x == x for x in interval):
+        half = (interval[1] - interval[0]) / 2
+        text += f" ± {half:.4f}" if abs(half) >= 1e-3 else f" ± {half:.1e}"
+    return text
 
 
 # ----------------------------------------------------------------------------------------

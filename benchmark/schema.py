@@ -19,8 +19,12 @@ class UserError(Exception):
 
 
 def _spec(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-          choices: tuple | None = None, semantic: bool = True) -> Any:
-    meta = {"help": help, "min": min, "max": max, "choices": choices, "semantic": semantic}
+          choices: tuple | None = None, semantic: bool = True, parse: Any = None) -> Any:
+    """A config field: help text, bounds or choices, whether it changes results
+    (``semantic``), and an optional ``parse(key, value)`` that checks and normalises a
+    value whose type is not a plain one."""
+    meta = {"help": help, "min": min, "max": max, "choices": choices, "semantic": semantic,
+            "parse": parse}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -60,7 +64,12 @@ class TrainConfig:
     warmup_steps: int = _spec(100, "linear warmup steps", min=0)
     schedule: str = _spec("cosine", "learning-rate schedule after warmup", choices=("constant", "cosine"))
     grad_clip: float = _spec(1.0, "max global grad norm (0 = off)", min=0.0)
-    ema_decay: float = _spec(0.999, "EMA decay of the weights used for evaluation", min=0.0, max=1.0)
+    # Power-function EMA profiles (sigma_rel) tracked while training and snapshotted
+    # ema_snapshots times over the run; evaluation reconstructs any sigma_rel (eval.ema).
+    ema_profiles: list = _spec([0.05, 0.10], "sigma_rel of the tracked power-function EMA profiles",
+                               parse=lambda key, v: _parse_profiles(key, v))
+    ema_snapshots: int = _spec(12, "EMA snapshots saved evenly over the run (storage: 2 x this x model size)",
+                               min=1, max=10_000)
     ckpt_every: int = _spec(500, "steps between checkpoints", min=1, semantic=False)
     log_every: int = _spec(50, "steps between curve points", min=1, semantic=False)
     device: str = _spec("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"), semantic=False)
@@ -70,11 +79,17 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    num_samples: int = _spec(1000, "generated samples per evaluation point", min=2)
+    num_samples: int | None = _spec(None, "generated samples per evaluation point (null = the dataset's "
+                                          "default: digits 1000, toys 20000, datasets on disk 1000)",
+                                    min=2, max=10_000_000)
     batch_size: int = _spec(500, "sampling batch size (samples do not depend on it)", min=1, semantic=False)
     seed: int = _spec(2024, "evaluation seed (each sample's noise is seeded from it and its index)")
-    use_ema: bool = _spec(True, "sample from the EMA weights")
+    ema: object = _spec(0.1, "evaluation weights: raw (the trained weights) or the sigma_rel of a "
+                             "post-hoc EMA reconstructed from the run's snapshots (a comma list sweeps)",
+                        parse=lambda key, v: parse_ema(key, v))
     grid_per_class: int = _spec(8, "samples per class in the PNG grid", min=1)
+    bootstrap: int = _spec(200, "bootstrap resamples of the generated features for each metric's 95% "
+                                "interval (no regeneration)", min=20, max=100_000)
     # Options of the "fid" metric suite (datasets read from disk); digits and toys ignore them
     # and keep their own suites (benchmark.catalog), so these stay out of their keys.
     backend: str = _spec("torch-fidelity", "library computing FD/KID (fid suite)",
@@ -90,6 +105,37 @@ class EvalConfig:
     precision_recall: bool = _spec(False, "also improved precision/recall, k-NN in feature space (fid suite)")
     feature_batch_size: int = _spec(64, "images per feature-network batch", min=1, semantic=False)
     progress: bool = _spec(True, "progress bar over feature batches", semantic=False)
+
+
+SIGMA_REL_RANGE = (0.0, 0.28)
+"""Open interval of relative EMA widths (0.2887 is a plain average of the whole run)."""
+
+
+def _sigma_rel(key: str, value: Any) -> float:
+    lo, hi = SIGMA_REL_RANGE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo < value < hi:
+        raise UserError(f"{key}={value!r} is not a relative EMA width; expected a number sigma_rel "
+                        f"with {lo:g} < sigma_rel < {hi:g} (e.g. 0.05, 0.1, 0.2)")
+    return float(value)
+
+
+def parse_ema(key: str, value: Any) -> str | float:
+    """``raw`` or a sigma_rel: the weights an evaluation samples from."""
+    if value == "raw":
+        return "raw"
+    if isinstance(value, str):
+        raise UserError(f"{key}={value!r} is not an EMA choice; expected raw or a relative EMA width "
+                        f"sigma_rel such as 0.05, 0.1 or 0.2")
+    return _sigma_rel(key, value)
+
+
+def _parse_profiles(key: str, value: Any) -> list[float]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise UserError(f"{key}={value!r} is not a list of EMA widths; expected e.g. {key}=[0.05,0.1]")
+    profiles = [_sigma_rel(key, v) for v in value]
+    if len(set(profiles)) != len(profiles):
+        raise UserError(f"{key}={value!r} repeats a width; expected distinct values, e.g. [0.05,0.1]")
+    return sorted(profiles)
 
 
 FID_SUITE_FIELDS = ("backend", "extractor", "reference_split", "num_reference", "precision_recall")
@@ -150,6 +196,8 @@ def _type_name(tp: Any) -> str:
 
 def coerce_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
     """Check and convert one value; ``key`` is the dotted name shown in errors."""
+    if meta.get("parse"):
+        return meta["parse"](key, value)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]

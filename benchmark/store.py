@@ -6,6 +6,7 @@ Layout under ``results_dir``::
     runs/<train_key>/state.pt           latest training state (resume by rerunning)
     runs/<train_key>/final.pt           weights after the last step (written once)
     runs/<train_key>/curve.csv          step, loss, lr, seconds
+    runs/<train_key>/ema/snapshot-<step>.pt   EMA profiles at a snapshot step (post-hoc EMA)
     runs/<train_key>/evals/<eval_key>.json   one evaluation record (of final.pt)
     runs/<train_key>/rungs/<eval_key>.json   an evaluation of an intermediate checkpoint
                                         (tuning trials report these to their pruner)
@@ -66,6 +67,13 @@ class Store:
         """An evaluation record: of ``final.pt`` under evals/, of an intermediate checkpoint
         (``rung``) under rungs/, so tables and reports over evals/ see final results only."""
         return self.run_dir(train_key) / ("rungs" if rung else "evals") / f"{eval_key}.json"
+
+    def ema_snapshot_path(self, train_key: str, step: int) -> Path:
+        """Power-function EMA profiles at ``step`` (post-hoc EMA reconstructs from these)."""
+        return self.run_dir(train_key) / "ema" / f"snapshot-{step:09d}.pt"
+
+    def ema_snapshot_paths(self, train_key: str) -> list[Path]:
+        return sorted((self.run_dir(train_key) / "ema").glob("snapshot-*.pt"))
 
     def grid_path(self, train_key: str, eval_key: str) -> Path:
         return self.run_dir(train_key) / "samples" / f"{eval_key}.png"

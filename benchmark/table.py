@@ -45,21 +45,30 @@ class MetricInfo:
 
 
 METRICS: dict[str, MetricInfo] = {
-    "fd":        MetricInfo("FD", True),
-    "kid":       MetricInfo("KID", True),
-    "class_acc": MetricInfo("class acc", False),
-    "swd":       MetricInfo("SWD", True),
-    "mmd":       MetricInfo("MMD", True),
-    "mean_err":  MetricInfo("mean error", True),
-    "std_err":   MetricInfo("std error", True),
-    "fd_floor":  MetricInfo("FD floor", None),
-    "kid_floor": MetricInfo("KID floor", None),
+    "fd_matched":   MetricInfo("FD@297", True),
+    "fd":           MetricInfo("FD", True),
+    "kid":          MetricInfo("KID", True),
+    "class_acc":    MetricInfo("class acc", False),
+    "memorized":    MetricInfo("memorised", None),
+    "sw2":          MetricInfo("SW2", True),
+    "swd":          MetricInfo("SWD", True),
+    "mmd":          MetricInfo("MMD", True),
+    "mean_err":     MetricInfo("mean error", True),
+    "std_err":      MetricInfo("std error", True),
+    "precision":    MetricInfo("precision", False),
+    "recall":       MetricInfo("recall", False),
+    "fd_floor":     MetricInfo("FD@297 floor", None),
+    "kid_floor":    MetricInfo("KID floor", None),
 }  # fmt: skip
 
 # The headline metric of each metric suite (benchmark.catalog.DatasetInfo.metric).
-QUALITY_METRIC = {"digits": "fd", "toy": "swd"}
-# The metrics worth a comparison table, per suite, headline first.
-TABLE_METRICS = {"digits": ("fd", "kid", "class_acc"), "toy": ("swd", "mmd")}
+QUALITY_METRIC = {"digits": "fd_matched", "toy": "sw2", "fid": "fd"}
+# The metrics worth a comparison table, per suite, headline first.  ``memorized`` is a
+# diagnostic (no better direction), shown beside the scores.
+TABLE_METRICS = {"digits": ("fd_matched", "fd", "kid", "class_acc", "memorized"), "toy": ("sw2", "swd", "mmd"),
+                 "fid": ("fd", "kid", "precision", "recall")}
+FLOORS = {"fd_matched": "fd_floor", "kid": "kid_floor"}
+"""The floor of a perfect generator for a metric, measured the same way (digits)."""
 
 
 def metric_info(name: str) -> MetricInfo:
@@ -80,7 +89,7 @@ def table_metrics(data: str) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------------------
 # Columns
 
-ID_COLUMNS = ["method", "model", "data", "seed", "nfe", "nfe_counted", "nfe_declared", "guidance"]
+ID_COLUMNS = ["method", "model", "data", "seed", "nfe", "nfe_counted", "nfe_declared", "guidance", "ema"]
 TIME_COLUMNS = ["sample_seconds", "sec_per_sample", "metric_seconds", "train_seconds"]
 KEY_COLUMNS = ["train_key", "eval_key", "record", "grid"]
 PREFIXES = ("train.", "method.", "model.", "data.", "eval.", "metric.", "prov.")
@@ -142,6 +151,8 @@ def record_row(record: dict, identity: dict | None, record_path: str, grid_path:
     row.update({f"eval.{k}": _cell(v) for k, v in ev.get("eval", {}).items()})
     row.update({"eval.checkpoint": ev.get("checkpoint"), "eval.metric": ev.get("metric")})
     row.update(_metric_cells(record.get("metrics", {})))
+    for name, (lo, hi) in record.get("intervals", {}).items():  # 95% intervals of one evaluation
+        row[f"metric.{name}_lo"], row[f"metric.{name}_hi"] = lo, hi
     row.update({k: record.get(k) for k in TIME_COLUMNS})
     row.update({f"prov.{k}": _cell(v) for k, v in record.get("provenance", {}).items()})
     row.update({"train_key": record.get("train_key"), "eval_key": record.get("eval_key"),

@@ -1,7 +1,11 @@
 """The training engine: one loop for every method.
 
-AdamW, linear warmup then constant or cosine learning rate, gradient clipping, EMA of the
-weights.  Every step is reseeded from (seed, micro-batch, step), and the latest state is
+AdamW, linear warmup then constant or cosine learning rate, gradient clipping, and
+power-function EMA profiles of the weights (``benchmark.ema``) with snapshots every
+``steps / ema_snapshots`` steps, from which evaluation reconstructs the EMA of any relative
+width (post-hoc EMA: the EMA length is an evaluation axis).  A method that trains against
+a target network of its own (Shortcut's bootstrap teacher) declares its decay; the harness
+keeps that teacher beside the net, separate from the evaluation EMA.  Every step is reseeded from (seed, micro-batch, step), and the latest state is
 written atomically every ``ckpt_every`` steps, so a run stopped anywhere and started again
 with the same command follows the uninterrupted run's path exactly.  A NaN or inf loss
 stops the run with a message naming the step; nothing of a failed run is cached.
@@ -27,7 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +40,7 @@ from torch import nn
 from benchmark import distributed
 from benchmark.backbones import build_backbone
 from benchmark.data import Dataset, load_dataset
+from benchmark.ema import PowerEMA
 from benchmark.plan import TrainingJob
 from benchmark.schema import RunConfig, TrainConfig, UserError, method_config
 from benchmark.store import Store, atomic_write_bytes
@@ -49,13 +54,17 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class Trainee:
-    """Everything a training job builds: data, method, network and its EMA."""
+    """Everything a training job builds: data, method, network, its EMA profiles and the
+    method's teacher (None unless its spec declares a ``teacher_decay``)."""
 
     dataset: Dataset
     method: Method
     net: nn.Module
-    ema: nn.Module
+    ema: PowerEMA
+    teacher: nn.Module | None
+    teacher_decay: float | None
     device: torch.device
+    eval_nets: dict = field(default_factory=dict)  # reconstructed EMA nets, by (sigma_rel, step)
 
 
 # ----------------------------------------------------------------------------------------
@@ -74,7 +83,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_trainee(cfg: RunConfig, method_name: str, method_train: dict) -> Trainee:
-    """Dataset, method (with its training fields), backbone and EMA copy, on the device."""
+    """Dataset, method (with its training fields), backbone, EMA profiles and teacher, on
+    the device."""
     device = resolve_device(cfg.train.device)
     dataset = load_dataset(cfg.data.name, **cfg.data.options)
     spec = get_spec(method_name)
@@ -83,8 +93,10 @@ def build_trainee(cfg: RunConfig, method_name: str, method_train: dict) -> Train
     torch.manual_seed(cfg.seed)  # initial weights depend on the seed only
     net = build_backbone(cfg.model, shape=dataset.shape, num_classes=dataset.num_classes,
                          slots=method.conditioning, options=method.backbone_options()).to(device)
-    ema = copy.deepcopy(net).requires_grad_(False)
-    return Trainee(dataset, method, net, ema, device)
+    ema = PowerEMA(net, cfg.train.ema_profiles)
+    decay = spec.teacher_decay(mcfg)
+    teacher = copy.deepcopy(net).requires_grad_(False) if decay is not None else None
+    return Trainee(dataset, method, net, ema, teacher, decay, device)
 
 
 def step_seed(seed: int, micro_batch: int, step: int) -> int:
@@ -261,13 +273,16 @@ def _train_locked(job: TrainingJob, store: Store, stop_after: int | None, rank: 
                 window = []
             done = step + 1 == tc.steps or step + 1 == stop_after
             preempted = distributed.all_reduce_mean(float(preemption.pending())) > 0  # any rank warned
+            if rank == 0 and ((step + 1) % snapshot_every(tc) == 0 or step + 1 == tc.steps):
+                # before the state: a state saved past a snapshot step implies the snapshot exists
+                save_state(store.ema_snapshot_path(job.key, step + 1),
+                           {"step": step + 1, "profiles": t.ema.state_dict()})
             if (step + 1) % tc.ckpt_every == 0 or done or preempted:
                 now = time.perf_counter()
                 seconds, tick = seconds + now - tick, now
                 distributed.check_replicas(params, step + 1)  # a skipped all-reduce is caught, not saved
                 if rank == 0:
-                    save_state(state_path, {"net": t.net.state_dict(), "ema": t.ema.state_dict(),
-                                            "method": t.method.state_dict(), "opt": opt.state_dict(),
+                    save_state(state_path, {**weights_state(t), "opt": opt.state_dict(),
                                             "step": step + 1, "curve": curve, "seconds": seconds,
                                             "window": window})
             if preempted and not done:
@@ -307,8 +322,10 @@ def _train_step(t: Trainee, opt, params, tc: TrainConfig, seed: int, step: int,
     for group in opt.param_groups:
         group["lr"] = learning_rate(tc, step)
     opt.step()
-    with torch.no_grad():
-        torch._foreach_lerp_(list(t.ema.parameters()), list(t.net.parameters()), 1 - tc.ema_decay)
+    t.ema.update(t.net, step + 1)
+    if t.teacher is not None:
+        with torch.no_grad():
+            torch._foreach_lerp_(list(t.teacher.parameters()), list(t.net.parameters()), 1 - t.teacher_decay)
     return value
 
 
@@ -319,7 +336,7 @@ def _micro_batch_loss(t: Trainee, seed: int, m: int, step: int, size: int) -> to
     data_gen = torch.Generator().manual_seed(s)
     method_gen = torch.Generator(device=t.device).manual_seed(s ^ 0x5DEECE66D)
     batch = draw_batch(t.dataset, size, data_gen, t.device)
-    loss, _ = t.method.loss(t.net, batch, step=step, generator=method_gen, ema_net=t.ema)
+    loss, _ = t.method.loss(t.net, batch, step=step, generator=method_gen, teacher=t.teacher)
     return loss
 
 
@@ -336,16 +353,32 @@ def _write_final(store: Store, job: TrainingJob, t: Trainee, curve: list, second
     lines = ["step,loss,lr"] + [f"{s},{loss:.6g},{lr:.6g}" for s, loss, lr in curve]
     atomic_write_bytes(store.run_dir(job.key) / "curve.csv", ("\n".join(lines) + "\n").encode())
     store.write_final_summary(job.key, {"curve": curve, "seconds": seconds, "steps": job.config.train.steps})
-    save_state(store.final_path(job.key), {"net": t.net.state_dict(), "ema": t.ema.state_dict(),
-                                           "method": t.method.state_dict(), "step": job.config.train.steps,
+    save_state(store.final_path(job.key), {**weights_state(t), "step": job.config.train.steps,
                                            "seconds": seconds, "curve": curve})
 
 
+def snapshot_every(tc: TrainConfig) -> int:
+    """Steps between EMA snapshots: ``ema_snapshots`` evenly over the run (the last one at
+    the final step)."""
+    return max(1, math.ceil(tc.steps / tc.ema_snapshots))
+
+
+def weights_state(t: Trainee) -> dict:
+    """Everything trained: network, EMA profiles, method parameters, teacher."""
+    state = {"net": t.net.state_dict(), "ema": t.ema.state_dict(), "method": t.method.state_dict()}
+    if t.teacher is not None:
+        state["teacher"] = t.teacher.state_dict()
+    return state
+
+
 def load_weights(t: Trainee, state: dict) -> None:
-    """Network, EMA and method state from a checkpoint (``state.pt`` or ``final.pt``)."""
+    """Network, EMA profiles, method state and teacher from a checkpoint (``state.pt`` or
+    ``final.pt``)."""
     t.net.load_state_dict(state["net"])
     t.ema.load_state_dict(state["ema"])
     t.method.load_state_dict(state["method"])
+    if t.teacher is not None:
+        t.teacher.load_state_dict(state["teacher"])
 
 
 def load_checkpoint(job: TrainingJob, store: Store, step: int) -> tuple[Trainee, dict] | None:
@@ -368,3 +401,38 @@ def load_trained(job: TrainingJob, store: Store) -> tuple[Trainee, dict]:
     final = load_state(store.final_path(job.key), t.device)
     load_weights(t, final)
     return t, final
+
+
+def evaluation_net(t: Trainee, store: Store, train_key: str, ema: str | float, step: int) -> nn.Module:
+    """The weights an evaluation samples from: the trained net (``ema="raw"``) or the
+    post-hoc EMA of relative width ``ema`` at ``step``, reconstructed by least squares from
+    the run's snapshots up to ``step`` and the profiles tracked at ``step`` (those held by
+    ``t.ema``, loaded from the checkpoint of that step).  Cached on the trainee."""
+    if ema == "raw":
+        return t.net
+    if (ema, step) in t.eval_nets:
+        return t.eval_nets[(ema, step)]
+    from benchmark.ema import combine, profile_key, reconstruction_coefficients
+
+    sources = [(sigma, step, None) for sigma in t.ema.sigma_rels]  # live profiles at `step`
+    for path in store.ema_snapshot_paths(train_key):
+        at = int(path.stem.split("-")[1])
+        if at < step:
+            sources += [(sigma, at, path) for sigma in t.ema.sigma_rels]
+    coefficients = reconstruction_coefficients([(s, at) for s, at, _ in sources], float(ema), step)
+    states, weights, loaded = [], [], {}
+    for (sigma, _at, path), c in zip(sources, coefficients):
+        if c == 0:
+            continue
+        if path is None:
+            profiles = t.ema.profiles
+        else:
+            if path not in loaded:
+                loaded[path] = load_state(path, t.device)["profiles"]
+            profiles = loaded[path]
+        states.append(profiles[profile_key(sigma)])
+        weights.append(c)
+    net = copy.deepcopy(t.net)
+    net.load_state_dict(combine(states, weights))
+    t.eval_nets[(ema, step)] = net
+    return net

@@ -87,10 +87,13 @@ class Method(nn.Module):
         *,
         step: int,
         generator: torch.Generator,
-        ema_net: nn.Module | None = None,
+        teacher: nn.Module | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """Scalar training loss and float logs.  All randomness from ``generator``.
-        May call ``net`` several times or through a JVP; never steps the optimizer."""
+        May call ``net`` several times or through a JVP; never steps the optimizer.
+        ``teacher``: the method's own target network (an EMA of ``net`` at the decay its
+        spec's ``teacher_decay`` declares, kept by the harness), or None when it declares
+        none; it is never the evaluation EMA."""
         raise NotImplementedError
 
     def sample(

@@ -54,7 +54,7 @@ class FlowMatching(Method):
 
     def loss(
         self, net: nn.Module, batch: Batch, *, step: int, generator: torch.Generator,
-        ema_net: nn.Module | None = None,
+        teacher: nn.Module | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         x, device = batch.x, batch.x.device
         t = sample_time(self.cfg, x.shape[0], generator, device)

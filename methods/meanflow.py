@@ -186,7 +186,7 @@ class MeanFlow(Method):
 
     def loss(
         self, net: nn.Module, batch: Batch, *, step: int, generator: torch.Generator,
-        ema_net: nn.Module | None = None,
+        teacher: nn.Module | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """Adaptive-weighted ||u - u_tgt||^2 for a batch x (B, *shape); logs the loss and
         the per-element squared error."""

@@ -200,7 +200,7 @@ class SCM(Method):
 
     def loss(
         self, net: nn.Module, batch: Batch, *, step: int, generator: torch.Generator,
-        ema_net: nn.Module | None = None,
+        teacher: nn.Module | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         cfg, x0 = self.cfg, batch.x
         t = sample_time(cfg, x0.shape[0], generator, x0.device, x0.dtype)

@@ -233,10 +233,9 @@ class Shortcut(Method):
 
     def loss(
         self, net: nn.Module, batch: Batch, *, step: int, generator: torch.Generator,
-        ema_net: nn.Module | None = None,
+        teacher: nn.Module | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        teacher = ema_net if (self.cfg.bootstrap_ema and ema_net is not None) else net
-        tg = self.targets(teacher, batch, generator)
+        tg = self.targets(teacher if teacher is not None else net, batch, generator)
         pred = net(tg.x_t, {"t": tg.t, "d": tg.level}, tg.y)
         err = (pred - tg.target).pow(2).flatten(1).mean(1)
         loss = err.mean()

@@ -18,8 +18,12 @@
 # (`results/tables/results.parquet`, one row per evaluation); do not edit the executed
 # notebook or its HTML by hand. Every number below comes from that table; the training
 # curves come from its sibling `curves.parquet` and the sample grids from the PNG paths the
-# table records. Cells show mean ± std over seeds where seeds repeat; the best cell per
-# column is in bold.
+# table records. Every cell is a value ± the half-width of its 95% interval: Student's t
+# over training seeds where seeds repeat, else the evaluation's own bootstrap interval
+# (resampling the generated features: the metric's sampling noise only). A cell is bold only
+# where it beats the runner-up of its column by a resolved margin (Welch's t-test at 5% over
+# seeds, or non-overlapping intervals with one seed); differences inside the intervals are
+# not resolved and nothing is marked.
 
 # %%
 from pathlib import Path
@@ -67,7 +71,7 @@ display(overview.style.hide(axis="index"))
 # %% [markdown]
 # ## Headline: quality against NFE
 #
-# Each dataset's headline metric (FD on digits, SWD on toys) for every method at each
+# Each dataset's headline metric (FD at 297 samples on digits, sliced W2 on toys) for every method at each
 # number of sampling steps: a table per model size, then the same numbers as lines against
 # NFE on a log scale.
 
@@ -155,9 +159,13 @@ provenance = (df.groupby(prov, dropna=False)
                 .agg(evaluations=("eval_key", "count"), first=("prov.date", "min"), last=("prov.date", "max"))
                 .reset_index())
 display(provenance.style.hide(axis="index"))
-floors = df["metric.fd_floor"].dropna() if "metric.fd_floor" in df.columns else pd.Series(dtype=float)
-if len(floors):
-    display(Markdown(f"FD floor (digits test split against train split): **{floors.min():.3f}**; "
-                     f"no generator can be expected to beat it at this sample size."))
+for name, label in (("fd_floor", "FD@297"), ("kid_floor", "KID")):
+    col = f"metric.{name}"
+    if col in df.columns and df[col].notna().any():
+        row = df[df[col].notna()].iloc[0]
+        display(Markdown(f"{label} floor (297 held-out digits test images against the train split, "
+                         f"measured like every row): **{row[col]:.4f}** "
+                         f"[{row[col + '_lo']:.4f}, {row[col + '_hi']:.4f}]; a perfect generator scores "
+                         f"it in expectation."))
 headline = ", ".join(f"{d}: `{quality_metric(d)}`" for d in sorted(df["data"].unique()))
 display(Markdown(f"Headline metric per dataset: {headline}."))

@@ -74,8 +74,18 @@ def test_dry_run_marks_cached_rows_after_a_run(toy_overrides) -> None:
     assert result.stdout.count("[missing]") == 1  # nfe=2
 
 
-def test_a_method_can_carry_training_defaults_and_the_command_line_still_wins() -> None:
-    shortcut = plan("method=shortcut").trainings[0].config.train
-    assert shortcut.ema_decay == 0.99  # Shortcut's bootstrap EMA must fit the short budget
-    assert plan("method=fm").trainings[0].config.train.ema_decay == 0.999
-    assert plan("method=shortcut", "train.ema_decay=0.999").trainings[0].config.train.ema_decay == 0.999
+def test_the_evaluation_ema_is_one_rule_for_every_method_and_the_teacher_a_method_field() -> None:
+    trains = {m: plan(f"method={m}").trainings[0] for m in ("fm", "shortcut")}
+    assert trains["fm"].config.train == trains["shortcut"].config.train  # same EMA profiles
+    assert trains["shortcut"].method_train["teacher_decay"] == 0.99
+    slow = plan("method=shortcut", "method.teacher_decay=0.999").trainings[0]
+    assert slow.method_train["teacher_decay"] == 0.999 and slow.key != trains["shortcut"].key
+
+
+def test_ema_widths_are_evaluation_axes_of_one_training() -> None:
+    p = plan("method=meanflow", "nfe=1", "eval.ema=raw,0.05,0.1")
+    assert len(p.trainings) == 1 and [ev.eval.ema for ev in p.evaluations] == ["raw", 0.05, 0.1]
+    assert len({ev.key for ev in p.evaluations}) == 3
+    for bad in ("eval.ema=0.5", "eval.ema=ema", "eval.ema=0", "train.ema_profiles=[0.05,0.05]"):
+        with pytest.raises(UserError, match="expected"):
+            plan(bad)

@@ -105,6 +105,7 @@ def test_every_config_field_is_a_training_axis_with_official_defaults():
     assert cfg.split()[0] == {
         "denoise_timesteps": 128, "bootstrap_every": 8, "bootstrap_ema": True, "bootstrap_clip": 4.0,
         "bootstrap_cfg_scale": 1.0, "label_dropout": 0.1, "eps_min": 1e-5,
+        "teacher_decay": 0.99,  # official 0.999; 0.99 fits the few-thousand-step budgets
     }
     assert SPEC.conditioning(cfg) == ("t", "d")
     assert SPEC.guidance == "eval_cfg"
@@ -285,7 +286,7 @@ def test_loss_takes_targets_from_the_ema_net_in_eval_mode_without_gradient():
     net, ema = PassCounter(tiny_mlp()), PassCounter(copy.deepcopy(tiny_mlp(seed=1)))
     net.train(), ema.train()
     loss, logs = method.loss(net, gaussian_batch(64, 10, torch.float32), step=0,
-                             generator=torch.Generator().manual_seed(0), ema_net=ema)
+                             generator=torch.Generator().manual_seed(0), teacher=ema)
     loss.backward()
     assert (net.passes, ema.passes) == (64, 2 * 8)
     assert ema.training and all(m.training for m in ema.modules())  # mode restored
@@ -295,12 +296,14 @@ def test_loss_takes_targets_from_the_ema_net_in_eval_mode_without_gradient():
     assert math.isfinite(logs["loss"]) and {"loss_fm", "loss_sc"} <= set(logs)
 
 
-def test_without_bootstrap_ema_the_online_net_is_the_teacher():
-    method = Shortcut(ShortcutConfig(denoise_timesteps=8, bootstrap_ema=False), num_classes=0)
-    net, ema = PassCounter(tiny_mlp()), PassCounter(tiny_mlp())
+def test_without_bootstrap_ema_the_spec_declares_no_teacher_and_the_online_net_teaches():
+    cfg = ShortcutConfig(denoise_timesteps=8, bootstrap_ema=False)
+    assert Shortcut.spec.teacher_decay(cfg) is None
+    assert Shortcut.spec.teacher_decay(ShortcutConfig()) == 0.99  # its own field, not the eval EMA
+    method, net = Shortcut(cfg, num_classes=0), PassCounter(tiny_mlp())
     method.loss(net, gaussian_batch(64, 10, torch.float32), step=0,
-                generator=torch.Generator().manual_seed(0), ema_net=ema)
-    assert (net.passes, ema.passes) == (64 + 2 * 8, 0)
+                generator=torch.Generator().manual_seed(0), teacher=None)
+    assert net.passes == 64 + 2 * 8
 
 
 def test_loss_is_a_function_of_the_generator_seed():
@@ -381,7 +384,7 @@ def train_tiny(method: Shortcut, steps: int, batch: int, ema_decay: float = 0.99
     for step in range(steps):
         x = MU + S * torch.randn(batch, 1, generator=gen)
         loss, _ = method.loss(net, Batch(x, torch.zeros(batch, dtype=torch.long)), step=step,
-                              generator=gen, ema_net=ema)
+                              generator=gen, teacher=ema)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -20,14 +20,28 @@ def plan_for(overrides: list[str]):
     return plan_points(compose_points(overrides))
 
 
+def assert_same_tensors(a: dict, b: dict, where: str = "") -> None:
+    """Nested dicts of tensors are bitwise equal, key by key."""
+    assert a.keys() == b.keys(), where
+    for k in a:
+        if isinstance(a[k], dict):
+            assert_same_tensors(a[k], b[k], f"{where}/{k}")
+        else:
+            assert torch.equal(a[k], b[k]), f"{where}/{k}"
+
+
 def assert_same_final(a_store: Store, b_store: Store, key: str) -> None:
-    """Both runs' final weights (and EMA) are bitwise equal, and so are their loss curves."""
-    a = load_state(a_store.final_path(key), torch.device("cpu"))
-    b = load_state(b_store.final_path(key), torch.device("cpu"))
-    for name in ("net", "ema"):
-        for k in a[name]:
-            assert torch.equal(a[name][k], b[name][k]), k
+    """Both runs' final weights, EMA profiles and EMA snapshots are bitwise equal, and so
+    are their loss curves."""
+    cpu = torch.device("cpu")
+    a, b = (load_state(s.final_path(key), cpu) for s in (a_store, b_store))
+    assert_same_tensors({"net": a["net"], "ema": a["ema"]}, {"net": b["net"], "ema": b["ema"]})
     assert a["curve"] == b["curve"]
+    snaps = [[p.name for p in s.ema_snapshot_paths(key)] for s in (a_store, b_store)]
+    assert snaps[0] == snaps[1] and snaps[0]
+    for name in snaps[0]:
+        assert_same_tensors(*(load_state(s.run_dir(key) / "ema" / name, cpu)["profiles"]
+                              for s in (a_store, b_store)), name)
 
 
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(toy_overrides, tmp_path: Path) -> None:

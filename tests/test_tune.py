@@ -21,7 +21,7 @@ from tests.conftest import REPO, run_cli
 # pruner (one finished trial is enough) stops it at its first rung.
 GOOD, BAD = 3e-3, 1e-6
 TOY_BASE = ["method=fm", "data=two_moons", "model=mlp", "train=toy", "train.steps=150",
-            "train.warmup_steps=10", "train.progress=false", "eval.num_samples=300"]
+            "train.warmup_steps=10", "train.progress=false", "eval.num_samples=300", "eval.ema=raw"]
 
 
 def write_space(tmp_path: Path, name: str = "space", **fields) -> Path:
@@ -58,12 +58,12 @@ def load(results: Path, study_name: str):
      "unknown distribution type='gaussian'; expected one of: float, int, categorical"),
     ({"train.lr": {"type": "float", "low": 0.0, "high": 1.0, "log": True}}, [], "log=true needs low > 0"),
     ({"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "scale": 2}}, [], "unknown field 'scale'"),
-    ({"train.ema_decay": {"type": "float", "low": 0.5, "high": 1.5}}, [],
-     "at 1.5: train.ema_decay=1.5 is out of range; expected a value >= 0.0 and <= 1.0"),
+    ({"train.weight_decay": {"type": "float", "low": -0.5, "high": 0.5}}, [],
+     "at -0.5: train.weight_decay=-0.5 is out of range; expected a value >= 0.0"),
     (None, ["tune.n_trails=3"], "unknown key 'tune.n_trails'"),
     (None, ["tune.pruner.name=magic"], "tune.pruner.name='magic' is not a known pruner"),
     (None, ["tune.pruner.n_startup=2"], "tune.pruner.n_startup is not an option of the median pruner"),
-    (None, ["tune.metric=fd"], "tune.metric=fd is not recorded for data=two_moons; expected one of: swd"),
+    (None, ["tune.metric=fd"], "tune.metric=fd is not recorded for data=two_moons; expected one of: sw2, swd"),
     (None, ["seed=0,1"], "the base configuration holds a sweep"),
     (None, ["train.lr=0.01"], "train.lr is both tuned"),
     (None, ["nfe=4"], "expected tune.nfe=N"),
@@ -111,7 +111,7 @@ def test_a_study_runs_in_parallel_survives_a_killed_driver_prunes_and_mirrors_ev
     plan = [{"train.lr": GOOD, "method.time_mean": 0.0}, {"train.lr": GOOD, "method.time_mean": -0.4},
             {"train.lr": BAD, "method.time_mean": 0.0}, {"train.lr": BAD, "method.time_mean": -0.4},
             {"train.lr": GOOD, "method.time_mean": 0.5}]
-    path = write_space(tmp_path, n_trials=5, report_every=50, study="toy", enqueue=plan, space={
+    path = write_space(tmp_path, n_trials=5, report_every=50, study="toy", enqueue=plan, nfe=8, space={
         "train.lr": {"type": "categorical", "choices": [GOOD, BAD]},
         "method.time_mean": {"type": "categorical", "choices": [0.0, -0.4, 0.5]}})
     args = [f"tune={path}", "launcher=local", "launcher.max_parallel=2", "launcher.timeout_min=10",
@@ -249,7 +249,7 @@ def test_inline_trials_run_one_after_another_with_journal_storage_and_a_pruner(t
     from optuna.trial import TrialState
 
     results, journal = tmp_path / "results", tmp_path / "journal" / "study.log"
-    path = write_space(tmp_path, n_trials=2, report_every=50, study="inline", pruner=pruner,
+    path = write_space(tmp_path, n_trials=2, report_every=50, study="inline", pruner=pruner, nfe=8,
                        enqueue=[{"train.lr": GOOD}, {"train.lr": BAD}])
     code = tune_main([f"tune={path}", f"tune.storage=journal://{journal}", f"results_dir={results}",
                       "tracking.enabled=false"])

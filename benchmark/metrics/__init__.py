@@ -33,7 +33,7 @@ FEATURE_EXTRACTOR_ID = (
 )
 """Name of the digits feature extractor in torch-fidelity's registry and in eval keys."""
 
-TOY_METRIC_ID = "toy-swd1-mmdrbf-v1"
+TOY_METRIC_ID = "toy-swd1-sw2-mmdrbf-v2"
 """Identity of the toy metric definitions (bump when sliced W1 or the MMD kernel changes)."""
 
 _LAZY = {

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from benchmark.data import Dataset
+from benchmark.metrics.uncertainty import Z95
 
 MEDIAN_SUBSET = 1000          # points used for the median-distance bandwidth
 MMD_SAMPLES = 2000            # points per side in the O(N M) MMD: ~0.5 s on one thread
@@ -31,8 +32,8 @@ BANDWIDTH_FACTORS = (0.5, 1.0, 2.0)
 KERNEL_ROWS = 256             # row block of the pairwise kernel: bounds memory
 
 
-def wasserstein_1d(x: Tensor, y: Tensor) -> Tensor:
-    """Exact W1 between empirical distributions, column by column.
+def wasserstein_1d(x: Tensor, y: Tensor, p: int = 1) -> Tensor:
+    """Exact Wp (p = 1 or 2) between empirical distributions, column by column.
 
     x: (N, L), y: (M, L) (or (N,), (M,)) -> (L,) (or a scalar).  N and M may differ: the
     integral of |F_x^-1(u) - F_y^-1(u)| over u is summed over the merged quantile steps.
@@ -47,20 +48,21 @@ def wasserstein_1d(x: Tensor, y: Tensor) -> Tensor:
     mids = levels - widths / 2
     ix = (mids * n).long().clamp(max=n - 1)
     iy = (mids * m).long().clamp(max=m - 1)
-    w1 = (widths[:, None] * (xs[ix] - ys[iy]).abs()).sum(dim=0)
-    return w1[0] if squeeze else w1
+    wp = (widths[:, None] * (xs[ix] - ys[iy]).abs().pow(p)).sum(dim=0).pow(1.0 / p)
+    return wp[0] if squeeze else wp
 
 
 def sliced_wasserstein(
-    x: Tensor, y: Tensor, *, num_projections: int = 128, generator: torch.Generator
+    x: Tensor, y: Tensor, *, num_projections: int = 128, generator: torch.Generator, p: int = 1
 ) -> float:
-    """Sliced W1 between samples x (N, d) and y (M, d); exact W1 when d = 1."""
+    """Sliced Wp between samples x (N, d) and y (M, d): (mean over random unit directions of
+    Wp^p of the projections)^(1/p); exact Wp when d = 1."""
     x, y = x.reshape(len(x), -1).double(), y.reshape(len(y), -1).double()
     if x.shape[1] == 1:
-        return float(wasserstein_1d(x, y)[0])
+        return float(wasserstein_1d(x, y, p)[0])
     theta = torch.randn(x.shape[1], num_projections, generator=generator, dtype=torch.float64)
     theta = theta / theta.norm(dim=0, keepdim=True)
-    return float(wasserstein_1d(x @ theta, y @ theta).mean())
+    return float(wasserstein_1d(x @ theta, y @ theta, p).pow(p).mean().pow(1.0 / p))
 
 
 def _kernel_sum(a: Tensor, b: Tensor, bandwidths: Sequence[float]) -> float:
@@ -121,6 +123,32 @@ def _check_toy_inputs(
                          "(a diverged sampler?)")
 
 
+def _directions(dim: int, num_projections: int, generator: torch.Generator) -> Tensor:
+    """(dim, L) unit projection directions; the identity (no slicing) for 1-D data."""
+    if dim == 1:
+        return torch.ones(1, 1, dtype=torch.float64)
+    theta = torch.randn(dim, num_projections, generator=generator, dtype=torch.float64)
+    return theta / theta.norm(dim=0, keepdim=True)
+
+
+def _sliced_w1_w2(proj: Tensor, ref_sorted: Tensor) -> tuple[float, float]:
+    """(sliced W1, sliced W2) of projected samples (N, L) against sorted projected
+    reference samples (M, L): mean over directions of W1, and sqrt of the mean of W2^2."""
+    if len(proj) == len(ref_sorted):  # equal sizes: the quantile functions pair sorted rows
+        diff = proj.sort(dim=0).values - ref_sorted
+        return diff.abs().mean().item(), diff.pow(2).mean().sqrt().item()
+    w1 = wasserstein_1d(proj, ref_sorted, 1).mean().item()
+    w2 = wasserstein_1d(proj, ref_sorted, 2).pow(2).mean().sqrt().item()
+    return w1, w2
+
+
+def _kernel_matrix(a: Tensor, b: Tensor, bandwidths: Sequence[float]) -> Tensor:
+    """The mixed RBF kernel between a (N, d) and b (M, d), (N, M) float64."""
+    inv = torch.tensor([1 / (2 * h * h) for h in bandwidths], dtype=torch.float64)
+    sq = torch.cdist(a.double(), b.double()).square()
+    return torch.exp(-sq[None] * inv[:, None, None]).mean(dim=0)
+
+
 def evaluate_toy(
     samples: Tensor,
     dataset: Dataset,
@@ -129,12 +157,16 @@ def evaluate_toy(
     seed: int = 0,
     num_projections: int = 128,
     mmd_samples: int = MMD_SAMPLES,
+    draws: int = 100,
 ) -> dict[str, float | list[float]]:
     """Score samples (N, *shape) of a toy dataset against ``num_reference`` fresh exact samples.
 
     The generator seeded with ``seed`` first draws the projections' seed, then the
-    reference samples, so both are fixed by ``seed`` alone (and independent).  Returns ``swd``, ``mmd``
-    (floats), ``mean``, ``std`` (per-coordinate lists) and ``mean_err``, ``std_err``.
+    reference samples, so both are fixed by ``seed`` alone (and independent).  Returns ``swd``
+    (sliced W1), ``sw2`` (sliced W2; both exact W1 / W2 for 1-D data), ``mmd`` (floats),
+    ``mean``, ``std`` (per-coordinate lists), ``mean_err``, ``std_err`` and ``intervals``:
+    95% intervals of swd, sw2 and mmd, ``estimate +- 1.96 sd`` over ``draws`` bootstrap
+    resamples of the samples against the same reference (MMD on its 2000-point subsets).
     """
     _check_toy_inputs(samples, dataset, num_reference, mmd_samples)
     generator = torch.Generator().manual_seed(seed)
@@ -144,11 +176,36 @@ def evaluate_toy(
     reference = dataset.exact_sampler(num_reference, generator).reshape(num_reference, dim)
     flat = samples.detach().cpu().reshape(len(samples), dim).double()
     mean, std = flat.mean(dim=0), flat.std(dim=0)
+    bandwidths = median_bandwidths(reference)
+    directions = _directions(dim, num_projections, projection_gen)
+    reference = reference.double()
+    ref_sorted = (reference @ directions).sort(dim=0).values
+    proj = flat @ directions
+    # MMD on the first mmd_samples points: its kernel sums are computed once and the
+    # bootstrap resamples rows of them (no kernel re-evaluation per draw)
+    x, y = flat[:mmd_samples], reference[:mmd_samples]
+    k_xx, k_xy = _kernel_matrix(x, x, bandwidths), _kernel_matrix(x, y, bandwidths).mean(dim=1)
+    k_yy = (_kernel_sum(y, y, bandwidths) - len(y)) / (len(y) * (len(y) - 1))
+
+    def scores(rows: Tensor | None, mmd_rows: Tensor | None) -> dict[str, float]:
+        w1, w2 = _sliced_w1_w2(proj if rows is None else proj[rows], ref_sorted)
+        kxx = k_xx if mmd_rows is None else k_xx[mmd_rows][:, mmd_rows]
+        kxy = k_xy if mmd_rows is None else k_xy[mmd_rows]
+        n = len(kxx)
+        mmd = (kxx.sum() - kxx.diagonal().sum()).item() / (n * (n - 1)) + k_yy - 2 * kxy.mean().item()
+        return {"swd": w1, "sw2": w2, "mmd": mmd}
+
+    point = scores(None, None)
+    boot_gen = torch.Generator().manual_seed(seed + 1)
+    boots = [scores(torch.randint(len(flat), (len(flat),), generator=boot_gen),
+                    torch.randint(len(x), (len(x),), generator=boot_gen)) for _ in range(draws)]
+    intervals = {}
+    for name, value in point.items():
+        sd = torch.tensor([b[name] for b in boots], dtype=torch.float64).std().item() if draws > 1 else math.nan
+        intervals[name] = [value - Z95 * sd, value + Z95 * sd]
     return {
-        "swd": sliced_wasserstein(flat, reference, num_projections=num_projections,
-                                  generator=projection_gen),
-        "mmd": mmd_rbf(flat[:mmd_samples], reference[:mmd_samples],
-                       bandwidths=median_bandwidths(reference)),
+        **point,
+        "intervals": intervals,
         "mean": mean.tolist(),
         "std": std.tolist(),
         "mean_err": _moment_error(mean, dataset.params.get("mean")),

@@ -87,6 +87,13 @@ class MethodSpec:
         """Scalar inputs the backbone must embed (subset of t, r, h, d, omega, t_min, t_max)."""
         raise NotImplementedError
 
+    def teacher_decay(self, cfg: MethodConfig) -> float | None:
+        """Decay of a target network the method trains against (an EMA of the online net
+        updated after every step, passed to ``loss`` as ``teacher``), or None for none.
+        It is a training field of the method, separate from the evaluation EMA, which is
+        post-hoc and the same for every method."""
+        return None
+
     def allowed_nfe(self, cfg: MethodConfig) -> tuple[int, ...] | None:
         """The NFE (steps) values this method can sample with; ``None`` means any NFE >= 1."""
         return None
