@@ -8,6 +8,7 @@ line that names the bad value, what was expected and how to fix it.  Torch-free.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,9 +19,16 @@ class UserError(Exception):
     """A mistake in what the user asked for: printed as one line, exit code 2."""
 
 
+# Sizes past these are mistakes, refused while planning rather than failing after training:
+MAX_SEED = 2**32 - 1       # seeds also seed numpy, whose seeds are 32-bit
+MAX_NFE = 10_000           # sampling steps; published few-step to many-step samplers use <= 1000
+MAX_SAMPLES = 1_000_000    # generated samples per point; FID-50k is the usual size
+
+
 def _spec(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-          choices: tuple | None = None, semantic: bool = True) -> Any:
-    meta = {"help": help, "min": min, "max": max, "choices": choices, "semantic": semantic}
+          choices: tuple | None = None, semantic: bool = True, nonempty: bool = False) -> Any:
+    meta = {"help": help, "min": min, "max": max, "choices": choices, "semantic": semantic,
+            "nonempty": nonempty}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -70,9 +78,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    num_samples: int = _spec(1000, "generated samples per evaluation point", min=2)
+    num_samples: int = _spec(1000, "generated samples per evaluation point", min=2, max=MAX_SAMPLES)
     batch_size: int = _spec(500, "sampling batch size (samples do not depend on it)", min=1, semantic=False)
-    seed: int = _spec(2024, "evaluation seed (each sample's noise is seeded from it and its index)")
+    seed: int = _spec(2024, "evaluation seed (each sample's noise is seeded from it and its index)",
+                      min=0, max=MAX_SEED)
     use_ema: bool = _spec(True, "sample from the EMA weights")
     grid_per_class: int = _spec(8, "samples per class in the PNG grid", min=1)
     # Options of the "fid" metric suite (datasets read from disk); digits and toys ignore them
@@ -100,7 +109,7 @@ FID_SUITE_FIELDS = ("backend", "extractor", "reference_split", "num_reference", 
 class TrackingConfig:
     enabled: bool = _spec(True, "mirror runs to MLflow", semantic=False)
     uri: str = _spec("", "MLflow tracking URI ('' = sqlite store under results_dir)", semantic=False)
-    experiment: str = _spec("fewstep-bench", "MLflow experiment name", semantic=False)
+    experiment: str = _spec("fewstep-bench", "MLflow experiment name", semantic=False, nonempty=True)
 
 
 @dataclass(frozen=True)
@@ -169,6 +178,12 @@ def coerce_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
                         + _fix_hint(key, meta))
     value = float(value) if tp is float else value
     value = list(value) if tp is list else value
+    bad = _non_finite(value)
+    if bad is not None:
+        raise UserError(f"{key}={bad!r} is not a finite number; expected {_type_name(tp)} that is neither "
+                        f"NaN nor infinite" + _fix_hint(key, meta))
+    if meta.get("nonempty") and isinstance(value, str) and not value.strip():
+        raise UserError(f"{key}= is empty; expected a non-empty string" + _fix_hint(key, meta))
     if meta.get("choices") and value not in meta["choices"]:
         raise UserError(f"{key}={value!r} is not allowed; expected one of: "
                         f"{', '.join(map(str, meta['choices']))}")
@@ -179,6 +194,14 @@ def coerce_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
         raise UserError(f"{key}={value!r} is out of range; expected a value {bounds}"
                         + _fix_hint(key, meta))
     return value
+
+
+def _non_finite(value: Any) -> float | None:
+    """The first NaN or infinity in ``value`` (a number, or a list or mapping of them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return next((bad for v in items if (bad := _non_finite(v)) is not None), None)
 
 
 def _fix_hint(key: str, meta: dict) -> str:
@@ -217,10 +240,11 @@ def build_run_config(raw: dict) -> RunConfig:
 
 @dataclass(frozen=True)
 class _TopLevel:
-    seed: int = _spec(0, "training seed")
-    nfe: int = _spec(1, "sampling steps (a comma list sweeps)", min=1)
+    seed: int = _spec(0, "training seed", min=0, max=MAX_SEED)
+    nfe: int = _spec(1, "sampling steps (a comma list sweeps)", min=1, max=MAX_NFE)
     guidance: float = _spec(1.0, "guidance scale omega (1 = none)", min=1.0)
-    results_dir: str = _spec("results", "where results live", semantic=False)
+    results_dir: str = _spec("results", "the folder where runs, records and the MLflow store live",
+                             semantic=False, nonempty=True)
 
 
 def method_config(spec: Any, values: dict) -> Any:
