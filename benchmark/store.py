@@ -85,7 +85,7 @@ def file_lock(path: Path, waiting: str = "") -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def read_record(path: Path, required: tuple[str, ...] = (), then: str = "it is recomputed") -> dict | None:
+def read_record(path: Path, required: tuple[str, ...] = (), then: str = "it will be recomputed") -> dict | None:
     """The JSON object in ``path``, or None when there is none.  A file that is not a JSON
     object holding the ``required`` keys (truncated, garbage) is moved aside to
     ``<name>.corrupt-<UTC time>``, said in one line on stderr (ending with ``then``), and

@@ -95,7 +95,7 @@ def test_a_garbage_record_is_reported_moved_aside_and_recomputed_and_collect_sur
     warned = [ln for ln in lines(err) if ln.startswith("warning: ")]
     assert len(warned) == 2 and {f"warning: {truncated} is unreadable", f"warning: {garbage} is unreadable"} == {
         ln.split(" (", 1)[0] for ln in warned}
-    assert all("moved it aside to" in ln and "it is recomputed" in ln for ln in warned)
+    assert all("moved it aside to" in ln and "it will be recomputed" in ln for ln in warned)
     assert len(list(results.glob("runs/*/evals/*.json.corrupt-*"))) == 2
     assert out.count("evaluated ") == 2  # both recomputed
     assert json.loads(truncated.read_text())["nfe"] in (1, 2) and json.loads(garbage.read_text())
