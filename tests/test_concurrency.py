@@ -60,16 +60,17 @@ def running_runs(db: Path) -> int:
         return 0
 
 
-def kill_while_a_run_is_half_logged(results: Path) -> bool:
-    """Start ``benchmark.sync`` and SIGKILL it the moment a run it is logging shows as
-    RUNNING in the store; False if it finished before that could be seen."""
-    sync = subprocess.Popen([sys.executable, "-m", "benchmark.sync", f"results_dir={results}"], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_while_a_run_is_half_logged(args: list[str], results: Path) -> bool:
+    """Start ``benchmark.run`` on a sweep whose records are all on disk (so all it does is
+    mirror them) and SIGKILL it the moment a run it is logging shows as RUNNING in the
+    store; False if it finished before that could be seen."""
+    command = subprocess.Popen([sys.executable, "-m", "benchmark.run", *args], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db = results / "mlflow.db"
-    while sync.poll() is None:
+    while command.poll() is None:
         if running_runs(db):
-            sync.send_signal(signal.SIGKILL)
-            sync.wait()
+            command.send_signal(signal.SIGKILL)
+            command.wait()
             return True
         time.sleep(0.001)
     return False
@@ -80,7 +81,7 @@ def test_sigkill_during_mirroring_then_a_rerun_leaves_no_duplicate_and_no_run_ru
     args = toy(results, "method=fm", "nfe=1,2,4")
     assert main([*args, "tracking.enabled=false"]) == 0  # the records on disk, not mirrored yet
     for _ in range(5):
-        if kill_while_a_run_is_half_logged(results):
+        if kill_while_a_run_is_half_logged(args, results):
             break
         (results / "mlflow.db").unlink()  # finished too fast to be caught: start over
     else:
