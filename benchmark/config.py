@@ -97,8 +97,26 @@ def _open_free_form(override: str) -> str:
     return "++" + override
 
 
+def check_group_choices(overrides: tuple[str, ...]) -> None:
+    """A group is chosen only by the name of a YAML file in its ``configs/<group>/`` folder:
+    ``model=../../x`` (a path out of it) or a config path key (``a/b=c``) is refused, so no
+    override makes Hydra read a file outside the package's configs."""
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        name = key.lstrip("+~")
+        if not sep:
+            continue
+        if "/" in name:
+            raise UserError(f"unknown key '{name}'; expected a config group ({', '.join(GROUPS)}) or a key "
+                            f"of the resolved config (see `python -m benchmark.run --help`)")
+        if name in GROUPS and value not in group_choices(name):
+            raise UserError(f"unknown {name} '{value}'; expected one of: {', '.join(group_choices(name))} "
+                            f"(configs/{name}/)")
+
+
 def compose(overrides: tuple[str, ...]) -> dict:
     """Compose the root config with ``overrides`` (no sweeps) into a plain dict."""
+    check_group_choices(overrides)
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException

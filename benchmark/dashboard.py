@@ -6,7 +6,10 @@ starts ``mlflow server`` (the process behind ``mlflow ui``) on the sqlite store
 ``results/mlflow.db`` with artifacts (sample grids) under ``results/mlartifacts``, bound to
 the loopback interface: MLflow has no authentication, so it is never exposed on a network
 interface (reach it from another machine with ``ssh -L 5000:127.0.0.1:5000 host``).
-``--port 0`` picks a free port.  Ctrl-C stops it.  In the UI, filter runs with e.g.
+``--port 0`` picks a free port.  Ctrl-C stops it; the server ends with the dashboard however
+the dashboard ends, even by SIGKILL (``benchmark.guard``: its own process group and a
+parent-death signal).  A store that cannot be opened is one line saying how to rebuild it.
+In the UI, filter runs with e.g.
 ``tags.method = 'fm' and tags.nfe = '2'`` or ``metrics.fd < 1``; the metric names are the
 ones in the results table (``fd``, ``kid``, ``class_acc``, ``swd``, ``mmd``, ...).
 """
@@ -24,6 +27,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmark import guard
 from benchmark.schema import UserError
 from benchmark.store import Store
 
@@ -130,6 +134,17 @@ def prepare(opts: Options) -> tuple[list[str], str]:
     return server_command(store, opts.host, port), f"http://{host}:{port}"
 
 
+def store_problem(store: Store) -> str:
+    """Why the store cannot be opened ("" when it can): MLflow opens it (under the mirror
+    lock, as the benchmark does), so a half-created or foreign file is said here, in one
+    line with the way out, instead of by a server that never answers."""
+    from benchmark.schema import TrackingConfig
+    from benchmark.tracking import Tracker
+
+    tracker = Tracker(TrackingConfig(), store, quiet=True)
+    return "" if tracker.check() else tracker.problem
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
@@ -142,14 +157,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     store = Store(opts.results_dir)
+    problem = store_problem(store)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     print(f"MLflow UI: {url}  (store {store.mlflow_uri()}; Ctrl-C stops it)")
     page = runs_page(store.root / "mlflow.db")
     if page:
         print(f"evaluation runs: {url}{page}")
     print(f"same as: {plain_command(store, opts.host, int(url.rsplit(':', 1)[1]))}")
     print("filter runs in the UI with e.g.: " + " | ".join(FILTER_EXAMPLES), flush=True)
-    # its own process group: mlflow server starts a uvicorn child, and stopping must reach it
-    server = subprocess.Popen(command, start_new_session=True, env=server_env())
+    # its own process group (mlflow server starts a uvicorn child: stopping must reach it),
+    # guarded: it ends when this process ends, even by SIGKILL
+    server = guard.spawn(command, env=server_env())
     signal.signal(signal.SIGTERM, _interrupt)  # `kill <pid>` stops the server like Ctrl-C does
     try:
         return server.wait()

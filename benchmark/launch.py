@@ -6,16 +6,20 @@ run for its missing points, so an evaluation never starts before its checkpoint 
 Tasks write only their own results (atomically) and never talk to MLflow: the driver
 mirrors the records afterwards, so parallel jobs cannot race on the tracking store.  A
 training task is ``Checkpointable``: on a time limit or preemption SLURM requeues it and
-it resumes from the run's latest state.  A failed or cancelled task caches nothing; the
-command reports it and a rerun retries it.
+it resumes from the run's latest state.  Every cached unit has a lock: a training its run
+folder's, an evaluation point its own (``Store.eval_lock``), each taken before computing
+and followed by a second look at the cache, so concurrent identical sweeps compute each
+unit once and the others reuse it.  A failed or cancelled task caches nothing; with every
+launcher, inline included, the others go on, the command lists the failures, exits 1,
+and a rerun retries only them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,8 +57,14 @@ class TrainTask(Checkpointable):
         from benchmark.train import train
 
         _set_threads(self.threads)
-        train(self.job, Store(self.results_dir))
+        trained = train(self.job, Store(self.results_dir)) is not None
+        # one line per unit computed or reused: the logs tell how often each was computed
+        print(f"{'trained' if trained else 'reused'} training {self.job.key}", flush=True)
         return self.job.key
+
+
+class EvaluationsFailed(RuntimeError):
+    """Some points of an evaluation task failed (the others were recorded)."""
 
 
 @dataclass
@@ -67,16 +77,31 @@ class EvalTask:
     threads: int = 0
 
     def __call__(self) -> list[str]:
+        """Each point under its lock, the cache looked at again once the lock is held; a
+        point that fails does not stop the others (raises at the end, naming them)."""
         from benchmark.evaluate import evaluate
         from benchmark.train import load_trained
 
         _set_threads(self.threads)
-        store = Store(self.results_dir)
-        missing = [ev for ev in self.evals if not store.has_eval(ev.train_key, ev.key)]
-        if missing:
-            trainee, final = load_trained(self.job, store)
-            for ev in missing:
-                evaluate(self.job, ev, trainee, store, final)
+        store, loaded, failed = Store(self.results_dir), None, []
+        for ev in self.evals:
+            if store.has_eval(ev.train_key, ev.key):
+                continue
+            with store.eval_lock(ev.train_key, ev.key):
+                if store.has_eval(ev.train_key, ev.key):
+                    print(f"reused evaluation {ev.key} (computed by another process)", flush=True)
+                    continue
+                loaded = loaded or load_trained(self.job, store)
+                try:
+                    evaluate(self.job, ev, loaded[0], store, loaded[1])
+                except (UserError, OSError):
+                    raise  # the user's mistake or the filesystem's: the same for every point
+                except Exception as err:  # noqa: BLE001 - this point's failure, not the others'
+                    failed.append(f"{ev.key}: {type(err).__name__}: {err}"[:300])
+                    continue
+            print(f"evaluated {ev.key} nfe={ev.nfe} guidance={ev.guidance:g}", flush=True)
+        if failed:
+            raise EvaluationsFailed(f"{len(failed)} of {len(self.evals)} point(s) failed: " + "; ".join(failed))
         return [ev.key for ev in self.evals]
 
 
@@ -90,15 +115,6 @@ class Outcome:
 
 # ----------------------------------------------------------------------------------------
 # Launchers
-
-
-def run_inline(tasks: list[tuple[str, Callable]], cfg: LauncherConfig, folder: Path) -> list[Outcome]:
-    """One after another in this process; an error propagates as it would without a launcher."""
-    outcomes = []
-    for name, task in tasks:
-        task()
-        outcomes.append(Outcome(name, True))
-    return outcomes
 
 
 def _executor(cfg: LauncherConfig, folder: Path):
@@ -126,11 +142,13 @@ def _executor(cfg: LauncherConfig, folder: Path):
 
 class Pool:
     """Tasks through one launcher, at most ``limit`` running at once.  ``submit`` returns at
-    once (inline runs the task there and then, recording a failure instead of raising it);
-    ``wait`` blocks until something finished and returns those outcomes."""
+    once (inline runs the task there and then, recording a failure instead of raising it,
+    except the exception types in ``fatal``, which end the command as they would without a
+    launcher); ``wait`` blocks until something finished and returns those outcomes."""
 
-    def __init__(self, cfg: LauncherConfig, folder: Path, limit: int | None = None) -> None:
-        self.cfg, self.folder = cfg, folder
+    def __init__(self, cfg: LauncherConfig, folder: Path, limit: int | None = None,
+                 fatal: tuple[type[BaseException], ...] = ()) -> None:
+        self.cfg, self.folder, self.fatal = cfg, folder, fatal
         self.limit = 1 if cfg.name == "inline" else (limit or cfg.max_parallel)
         self.executor = _executor(cfg, folder) if cfg.name != "inline" else None
         self.running: list[tuple[str, Any]] = []
@@ -140,11 +158,18 @@ class Pool:
         """Room for more tasks (an inline outcome not yet collected by ``wait`` takes its slot)."""
         return self.limit - len(self.running) - len(self._finished)
 
+    def busy(self) -> bool:
+        """Tasks running, or finished with outcomes not yet collected by ``wait``."""
+        return bool(self.running or self._finished)
+
     def submit(self, batch: list[tuple[str, Callable]]) -> None:
         if self.executor is None:
             for name, task in batch:
+                print(f"  running {name}", flush=True)
                 try:
                     self._finished.append(Outcome(name, True, result=task()))
+                except self.fatal:
+                    raise
                 except Exception as err:  # noqa: BLE001 - a task's failure is its outcome
                     self._finished.append(Outcome(name, False, f"{type(err).__name__}: {err}"[:300]))
             return
@@ -168,14 +193,20 @@ class Pool:
             time.sleep(poll_s)
 
 
-def run_submitit(tasks: list[tuple[str, Callable]], cfg: LauncherConfig, folder: Path) -> list[Outcome]:
-    """Submit every task; local jobs are kept to ``max_parallel`` at once, SLURM jobs go
-    in one array (the scheduler enforces the parallelism)."""
-    pool = Pool(cfg, folder, limit=cfg.max_parallel if cfg.name == "local" else len(tasks))
+FATAL_INLINE = (UserError, OSError)
+"""Exceptions an inline task lets through: a user mistake (exit 2) and a filesystem failure
+(one line, exit 1) would fail every other task the same way."""
+
+
+def run_tasks(tasks: list[tuple[str, Callable]], cfg: LauncherConfig, folder: Path) -> list[Outcome]:
+    """Run every task and return every outcome: inline one after another; local jobs kept to
+    ``max_parallel`` at once; SLURM jobs in one array (the scheduler enforces the parallelism)."""
+    pool = Pool(cfg, folder, limit=cfg.max_parallel if cfg.name == "local" else len(tasks), fatal=FATAL_INLINE)
     pending = list(tasks)
     outcomes: dict[str, Outcome] = {}
-    print(f"launcher={cfg.name}: {len(tasks)} job(s), logs in {folder}", flush=True)
-    while pending or pool.running:
+    if cfg.name != "inline":
+        print(f"launcher={cfg.name}: {len(tasks)} job(s), logs in {folder}", flush=True)
+    while pending or pool.busy():
         if pending and pool.free() > 0:
             n = pool.free()
             pool.submit(pending[:n])
@@ -229,9 +260,6 @@ def _reason(err: Exception) -> str:
     return lines[-1][:300] if lines else type(err).__name__
 
 
-LAUNCHERS = {"inline": run_inline, "local": run_submitit, "slurm": run_submitit}
-
-
 # ----------------------------------------------------------------------------------------
 # The two phases
 
@@ -242,24 +270,76 @@ def job_threads(cfg: LauncherConfig) -> int:
     return max(1, (os.cpu_count() or 1) // cfg.max_parallel)
 
 
+def check_feature_networks(trainings: list[TrainingJob], store: Store) -> None:
+    """Before anything trains: each Inception weights file the sweep's evaluations will
+    read is loaded by its backend and run forward on two images, so a truncated or foreign
+    file is one UserError now, not a failed evaluation after the training."""
+    from benchmark.catalog import dataset_info
+
+    seen = set()
+    for job in trainings:
+        ev = job.config.eval
+        key = (ev.backend, ev.inception_weights)
+        if dataset_info(job.config.data.name).metric != "fid" or ev.extractor != "inception-v3" or key in seen:
+            continue
+        seen.add(key)
+        _test_forward(job, store)
+
+
+def _test_forward(job: TrainingJob, store: Store) -> None:
+    import torch
+
+    from benchmark.metrics.fid import FidOptions, build_extractor, image_features
+
+    options = dataclasses.replace(FidOptions.from_eval_config(job.config.eval), progress=False, batch_size=2)
+    extractor = build_extractor(options, store.cache_dir(), torch.device("cpu"))
+    try:
+        features = image_features(torch.zeros(2, 3, 32, 32), extractor, options)
+        ok = features.shape == (2, 2048) and bool(torch.isfinite(torch.as_tensor(features)).all())
+        why = f"gave features of shape {tuple(features.shape)}, expected (2, 2048) finite values"
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a foreign file fails in the library in many ways
+        ok, why = False, f"failed ({type(err).__name__}: {str(err).splitlines()[0][:150] if str(err) else ''})"
+    if not ok:
+        raise UserError(f"Inception weights {extractor.weights} (eval.backend={options.backend}) {why} in a "
+                        f"test forward pass; expected the original file: fetch it again (see docs/metrics.md) "
+                        f"or pass eval.inception_weights=<the right file>")
+
+
+@dataclass
+class Failure:
+    """A unit that did not finish: ``kind`` training or evaluation, its key, why."""
+
+    kind: str
+    key: str
+    train_key: str
+    error: str
+
+
 def launch(trainings: list[TrainingJob], evaluations: list[EvalJob], store: Store,
-           cfg: LauncherConfig) -> list[Outcome]:
-    """Phase 1: train what is missing.  Phase 2: evaluate what is missing.  Returns the
-    failed outcomes (empty when everything finished)."""
+           cfg: LauncherConfig) -> list[Failure]:
+    """Phase 1: train what is missing.  Phase 2: evaluate what is missing of what trained.
+    Returns what failed: each failed training, then each evaluation point left without a
+    record by a failed evaluation task (empty when everything finished)."""
     folder = Path(cfg.folder) if cfg.folder else store.root / "submitit"
-    runner, threads = LAUNCHERS[cfg.name], job_threads(cfg)
-    failed: list[Outcome] = []
-    train_tasks = [(f"train {j.method_name} {j.key}", TrainTask(j, str(store.root), threads))
-                   for j in trainings if not store.is_trained(j.key)]
+    threads = job_threads(cfg)
+    failed: list[Failure] = []
+    train_tasks = {f"train {j.method_name} {j.key}": j for j in trainings if not store.is_trained(j.key)}
     if train_tasks:
-        failed += [o for o in runner(train_tasks, cfg, folder) if not o.ok]
-    eval_tasks = []
+        tasks = [(name, TrainTask(j, str(store.root), threads)) for name, j in train_tasks.items()]
+        failed += [Failure("training", train_tasks[o.name].key, train_tasks[o.name].key, o.error)
+                   for o in run_tasks(tasks, cfg, folder) if not o.ok]
+    eval_tasks: dict[str, tuple[TrainingJob, list[EvalJob]]] = {}
     for job in trainings:
         evals = [ev for ev in evaluations if ev.train_key == job.key]
         if store.is_trained(job.key) and any(not store.has_eval(ev.train_key, ev.key) for ev in evals):
-            eval_tasks.append((f"eval {job.method_name} {job.key}", EvalTask(job, evals, str(store.root), threads)))
+            eval_tasks[f"eval {job.method_name} {job.key}"] = (job, evals)
     if eval_tasks:
-        failed += [o for o in runner(eval_tasks, cfg, folder) if not o.ok]
-    for o in failed:
-        print(f"failed: {o.name}: {o.error}", file=sys.stderr)
+        tasks = [(name, EvalTask(job, evals, str(store.root), threads)) for name, (job, evals) in eval_tasks.items()]
+        for o in run_tasks(tasks, cfg, folder):
+            if not o.ok:
+                job, evals = eval_tasks[o.name]
+                failed += [Failure("evaluation", ev.key, job.key, o.error) for ev in evals
+                           if not store.has_eval(ev.train_key, ev.key)]
     return failed

@@ -72,6 +72,8 @@ class Plan:
     evaluations: list[EvalJob] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
+    origins: list[tuple[tuple[str, ...], str, str]] = field(default_factory=list)
+    """(overrides, train key, eval key) of every planned sweep point: what made each key."""
 
 
 def training_identity(cfg: RunConfig, method_name: str, method_train: dict) -> dict:
@@ -140,6 +142,7 @@ def plan_points(points: list[Point]) -> Plan:
         if ev.key not in seen_eval:
             seen_eval.add(ev.key)
             plan.evaluations.append(ev)
+        plan.origins.append((point.overrides, job.key, ev.key))
     if errors and (len(methods) == 1 or not plan.evaluations):
         raise UserError(errors[0])
     plan.skipped = list(dict.fromkeys(errors))

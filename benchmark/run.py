@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -24,7 +23,7 @@ from benchmark.config import (
 )
 from benchmark.plan import EvalJob, Plan, TrainingJob, plan_points
 from benchmark.schema import UserError
-from benchmark.store import Store
+from benchmark.store import Store, os_error_line
 
 USAGE = "usage: python -m benchmark.run [--config FILE] [key=value ...] [--dry-run] [--force] [--help]"
 
@@ -137,11 +136,14 @@ def _fmt(v, interval=None) -> str:
 # Executing
 
 
-def execute(plan: Plan, store: Store, force: bool = False, sweep: str = "") -> tuple[list[dict], int]:
+def execute(plan: Plan, store: Store, force: bool = False, sweep: str = "") -> tuple[list[dict], list]:
     """Train and evaluate what is missing through the launcher, then mirror every record
-    to MLflow from this process.  Returns the records that exist and the failure count."""
-    from benchmark.launch import launch
+    to MLflow from this process.  Returns the records that exist and what failed
+    (``benchmark.launch.Failure``: each failed training and evaluation point)."""
+    from benchmark.launch import check_feature_networks, launch
 
+    if force or not all(store.has_eval(ev.train_key, ev.key) for ev in plan.evaluations):
+        check_feature_networks(plan.trainings, store)  # a bad Inception file fails now, not after training
     torchrun = _torchrun_world() > 1  # torchrun: every rank runs this; rank 0 leads
     dist = _join_torchrun(plan) if torchrun else None
     if dist is None or dist.is_main():
@@ -149,19 +151,29 @@ def execute(plan: Plan, store: Store, force: bool = False, sweep: str = "") -> t
             for job in plan.trainings:
                 _forget(store, job, [ev for ev in plan.evaluations if ev.train_key == job.key])
         for job in plan.trainings:
-            if not store.is_trained(job.key):
-                store.write_config(job.key, {"identity": job.identity})
+            prepare_run_folder(store, job)
     if dist is not None:
         dist.barrier()  # the others look at the run folders only once rank 0 has prepared them
         if not dist.is_main():
             _follow_trainings(plan, store)
-            return [], 0
+            return [], []
     failed = launch(plan.trainings, plan.evaluations, store, plan.trainings[0].config.launcher)
     if dist is not None:
         dist.shutdown()
     records = collect(plan, store)
     mirror(plan, store, sweep)
-    return records, len(failed)
+    return records, failed
+
+
+def prepare_run_folder(store: Store, job: TrainingJob) -> None:
+    """The run folder's ``config.json``: the training identity and, for a run about to
+    train, the git commit of the code that trains it (MLflow's source tags)."""
+    if not store.is_trained(job.key):
+        from benchmark.tracking import source_info
+
+        store.write_config(job.key, {"identity": job.identity, "source": source_info()})
+    elif store.read_config(job.key) is None:  # moved aside as corrupt: the identity is known
+        store.write_config(job.key, {"identity": job.identity})
 
 
 def _torchrun_world() -> int:
@@ -195,9 +207,10 @@ def _follow_trainings(plan: Plan, store: Store) -> None:
 
 
 def collect(plan: Plan, store: Store) -> list[dict]:
-    """The records of the plan's evaluation points that exist on disk, in plan order."""
-    return [store.read_eval(ev.train_key, ev.key) for ev in plan.evaluations
-            if store.has_eval(ev.train_key, ev.key)]
+    """The records of the plan's evaluation points that exist on disk, in plan order (a
+    corrupt one is moved aside and left out)."""
+    records = [store.read_record(store.eval_path(ev.train_key, ev.key)) for ev in plan.evaluations]
+    return [r for r in records if r is not None]
 
 
 def mirror(plan: Plan, store: Store, sweep: str = "") -> None:
@@ -210,23 +223,51 @@ def mirror(plan: Plan, store: Store, sweep: str = "") -> None:
             continue
         tracker = trackers.setdefault(tuple(vars(job.config.tracking).values()),
                                       Tracker(job.config.tracking, store, sweep))
-        summary = store.read_final_summary(job.key)
-        tracker.log_training(job.key, job.identity, summary["curve"], summary["seconds"])
-        for ev in plan.evaluations:
-            if ev.train_key == job.key and store.has_eval(ev.train_key, ev.key):
-                tracker.log_evaluation(job.key, job.identity, store.read_eval(ev.train_key, ev.key))
+        records = [store.read_record(store.eval_path(ev.train_key, ev.key))
+                   for ev in plan.evaluations if ev.train_key == job.key]
+        tracker.mirror_run(job.key, job.identity, [r for r in records if r is not None])
 
 
 def _forget(store: Store, job: TrainingJob, evals: list[EvalJob]) -> None:
-    """--force: drop this training's checkpoints and the requested evaluation records."""
+    """--force: drop this training's checkpoints and the requested evaluation records (their
+    MLflow runs are replaced when the new records are mirrored: their digests differ)."""
     for path in (store.state_path(job.key), store.final_path(job.key)):
         path.unlink(missing_ok=True)
     for ev in evals:
         store.eval_path(ev.train_key, ev.key).unlink(missing_ok=True)
-    ledger = store.run_dir(job.key) / "mlflow.json"
-    if ledger.is_file():
-        shutil.copy(ledger, ledger.with_suffix(".json.bak"))
-        ledger.unlink()
+
+
+def report_failures(plan: Plan, failures: list, recorded: int) -> None:
+    """One line per failed unit: its key, the override values that set it apart from the
+    sweep's other points, and why; then what to do."""
+    for f in failures:
+        position = 1 if f.kind == "training" else 2
+        apart = distinguishing(plan.origins, f.key, position)
+        where = f" ({' '.join(apart)})" if apart else ""
+        skipped = sum(1 for ev in plan.evaluations if ev.train_key == f.key) if f.kind == "training" else 0
+        also = f"; its {skipped} evaluation point(s) did not run" if skipped else ""
+        of = f" of training {f.train_key}" if f.kind == "evaluation" else ""
+        print(f"failed: {f.kind} {f.key}{of}{where}: {f.error}{also}", file=sys.stderr)
+    trainings = sum(1 for f in failures if f.kind == "training")
+    print(f"error: {trainings} training(s) and {len(failures) - trainings} evaluation(s) failed (listed "
+          f"above; nothing of them was cached); the {recorded} point(s) that finished are recorded: rerun "
+          f"the same command to retry only the failed ones", file=sys.stderr)
+
+
+def distinguishing(origins: list[tuple[tuple[str, ...], str, str]], key: str, position: int) -> list[str]:
+    """The overrides every sweep point that made ``key`` (its train key at ``position`` 1,
+    eval key at 2) shares, among those whose value varies over the sweep: what sets it apart."""
+    from benchmark.config import override_key
+
+    mine = [origin[0] for origin in origins if origin[position] == key]
+    if not mine:
+        return []
+    values: dict[str, set[str]] = {}
+    for overrides, *_ in origins:
+        for o in overrides:
+            values.setdefault(override_key(o), set()).add(o)
+    shared = set(mine[0]).intersection(*mine[1:])
+    return [o for o in mine[0] if o in shared and len(values[override_key(o)]) > 1]
 
 
 def _follower() -> bool:
@@ -269,13 +310,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0  # a non-zero torchrun rank only trained: rank 0 reports
         print(f"done in {time.perf_counter() - start:.1f} s; records under {store.root}/runs")
         if failures:
-            print(f"error: {failures} job(s) failed (listed above); nothing of them was cached: "
-                  f"rerun the same command to retry", file=sys.stderr)
+            report_failures(plan, failures, len(records))
             return 1
         return 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a read-only folder: the path and why, not a traceback
+        print(f"error: {os_error_line(err)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130

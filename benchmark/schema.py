@@ -8,6 +8,7 @@ line that names the bad value, what was expected and how to fix it.  Torch-free.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,13 +19,20 @@ class UserError(Exception):
     """A mistake in what the user asked for: printed as one line, exit code 2."""
 
 
+# Sizes past these are mistakes, refused while planning rather than failing after training:
+MAX_SEED = 2**32 - 1       # seeds also seed numpy, whose seeds are 32-bit
+MAX_NFE = 10_000           # sampling steps; published few-step to many-step samplers use <= 1000
+MAX_SAMPLES = 1_000_000    # generated samples per point; FID-50k is the usual size
+
+
 def _spec(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-          choices: tuple | None = None, semantic: bool = True, parse: Any = None) -> Any:
+          choices: tuple | None = None, semantic: bool = True, nonempty: bool = False,
+          parse: Any = None) -> Any:
     """A config field: help text, bounds or choices, whether it changes results
-    (``semantic``), and an optional ``parse(key, value)`` that checks and normalises a
-    value whose type is not a plain one."""
+    (``semantic``), whether an empty string is refused, and an optional ``parse(key, value)``
+    that checks and normalises a value whose type is not a plain one."""
     meta = {"help": help, "min": min, "max": max, "choices": choices, "semantic": semantic,
-            "parse": parse}
+            "nonempty": nonempty, "parse": parse}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -81,9 +89,10 @@ class TrainConfig:
 class EvalConfig:
     num_samples: int | None = _spec(None, "generated samples per evaluation point (null = the dataset's "
                                           "default: digits 1000, toys 20000, datasets on disk 1000)",
-                                    min=2, max=10_000_000)
+                                    min=2, max=MAX_SAMPLES)
     batch_size: int = _spec(500, "sampling batch size (samples do not depend on it)", min=1, semantic=False)
-    seed: int = _spec(2024, "evaluation seed (each sample's noise is seeded from it and its index)")
+    seed: int = _spec(2024, "evaluation seed (each sample's noise is seeded from it and its index)",
+                      min=0, max=MAX_SEED)
     ema: object = _spec(0.1, "evaluation weights: raw (the trained weights) or the sigma_rel of a "
                              "post-hoc EMA reconstructed from the run's snapshots (a comma list sweeps)",
                         parse=lambda key, v: parse_ema(key, v))
@@ -146,7 +155,7 @@ FID_SUITE_FIELDS = ("backend", "extractor", "reference_split", "num_reference", 
 class TrackingConfig:
     enabled: bool = _spec(True, "mirror runs to MLflow", semantic=False)
     uri: str = _spec("", "MLflow tracking URI ('' = sqlite store under results_dir)", semantic=False)
-    experiment: str = _spec("fewstep-bench", "MLflow experiment name", semantic=False)
+    experiment: str = _spec("fewstep-bench", "MLflow experiment name", semantic=False, nonempty=True)
 
 
 @dataclass(frozen=True)
@@ -217,6 +226,12 @@ def coerce_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
                         + _fix_hint(key, meta))
     value = float(value) if tp is float else value
     value = list(value) if tp is list else value
+    bad = _non_finite(value)
+    if bad is not None:
+        raise UserError(f"{key}={bad!r} is not a finite number; expected {_type_name(tp)} that is neither "
+                        f"NaN nor infinite" + _fix_hint(key, meta))
+    if meta.get("nonempty") and isinstance(value, str) and not value.strip():
+        raise UserError(f"{key}= is empty; expected a non-empty string" + _fix_hint(key, meta))
     if meta.get("choices") and value not in meta["choices"]:
         raise UserError(f"{key}={value!r} is not allowed; expected one of: "
                         f"{', '.join(map(str, meta['choices']))}")
@@ -227,6 +242,14 @@ def coerce_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
         raise UserError(f"{key}={value!r} is out of range; expected a value {bounds}"
                         + _fix_hint(key, meta))
     return value
+
+
+def _non_finite(value: Any) -> float | None:
+    """The first NaN or infinity in ``value`` (a number, or a list or mapping of them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return next((bad for v in items if (bad := _non_finite(v)) is not None), None)
 
 
 def _fix_hint(key: str, meta: dict) -> str:
@@ -265,10 +288,11 @@ def build_run_config(raw: dict) -> RunConfig:
 
 @dataclass(frozen=True)
 class _TopLevel:
-    seed: int = _spec(0, "training seed")
-    nfe: int = _spec(1, "sampling steps (a comma list sweeps)", min=1)
+    seed: int = _spec(0, "training seed", min=0, max=MAX_SEED)
+    nfe: int = _spec(1, "sampling steps (a comma list sweeps)", min=1, max=MAX_NFE)
     guidance: float = _spec(1.0, "guidance scale omega (1 = none)", min=1.0)
-    results_dir: str = _spec("results", "where results live", semantic=False)
+    results_dir: str = _spec("results", "the folder where runs, records and the MLflow store live",
+                             semantic=False, nonempty=True)
 
 
 def method_config(spec: Any, values: dict) -> Any:

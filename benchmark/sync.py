@@ -1,21 +1,23 @@
 """Mirror the results on disk to MLflow: ``python -m benchmark.sync [results_dir=DIR]
 [tracking.uri=URI] [tracking.experiment=NAME]``.
 
-Every finished training and every evaluation record under ``DIR/runs`` that has not yet
-been mirrored to that tracking URI is logged (a parent run per training, nested runs per
-evaluation), exactly as ``benchmark.run`` logs them, and so is every finished trial of the
-Optuna studies under ``DIR/tune`` (children of their study's run, as ``benchmark.tune``
-logs them).  Use it after a run whose tracking server was down, or to copy a results
-folder into a team server.
+Every finished training and every evaluation record under ``DIR/runs`` that is not yet in
+that tracking store is logged (a parent run per training, nested runs per evaluation),
+exactly as ``benchmark.run`` logs them, and so is every finished trial of the Optuna
+studies under ``DIR/tune`` (children of their study's run, as ``benchmark.tune`` logs
+them).  Runs are found by their keys (tags), so syncing again logs nothing twice and the
+counts printed are what this call really logged.  Use it after a run whose tracking server
+was down, to copy a results folder into a team server, or to rebuild a broken
+``mlflow.db`` (move it aside, then sync).  A record that cannot be read is moved aside
+(one line) and skipped.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 
 from benchmark.schema import TrackingConfig, UserError, coerce_dataclass
-from benchmark.store import Store
+from benchmark.store import Store, os_error_line
 from benchmark.tracking import Tracker
 
 
@@ -26,6 +28,9 @@ def parse(argv: list[str]) -> tuple[Store, TrackingConfig]:
         if not sep:
             raise UserError(f"argument '{arg}' is not key=value; expected results_dir=DIR or tracking.uri=URI")
         if key == "results_dir":
+            if not value.strip():
+                raise UserError("results_dir= is empty; expected the folder a benchmark.run wrote "
+                                "(default results)")
             results_dir = value
         elif key.startswith("tracking."):
             tracking[key.split(".", 1)[1]] = value
@@ -38,59 +43,61 @@ def parse(argv: list[str]) -> tuple[Store, TrackingConfig]:
     return store, coerce_dataclass(TrackingConfig, tracking, "tracking")
 
 
-def sync(store: Store, cfg: TrackingConfig) -> tuple[int, int, bool]:
-    """Mirror what is missing; returns the trainings and evaluations now mirrored and
-    whether the tracking store answered throughout."""
-    tracker = Tracker(cfg, store)
-    trainings = evaluations = 0
+def sync(store: Store, cfg: TrackingConfig, tracker: Tracker | None = None) -> bool:
+    """Mirror what is missing; False when the tracking store failed (``tracker.problem``
+    says why).  ``tracker.logged`` counts the runs this call created or finished."""
+    tracker = tracker or Tracker(cfg, store)
     for run_dir in sorted((store.root / "runs").iterdir()):
-        config = run_dir / "config.json"
-        if not (config.is_file() and store.is_trained(run_dir.name)):
+        if not (run_dir.is_dir() and store.is_trained(run_dir.name)):
             continue
-        identity = json.loads(config.read_text())["identity"]
-        summary = store.read_final_summary(run_dir.name)
-        if tracker.log_training(run_dir.name, identity, summary["curve"], summary["seconds"]) is None:
-            break
-        trainings += 1
-        for record_path in sorted((run_dir / "evals").glob("*.json")):
-            if tracker.log_evaluation(run_dir.name, identity, json.loads(record_path.read_text())) is None:
-                break
-            evaluations += 1
-        if tracker.down:
-            break
-    return trainings, evaluations, not tracker.down
+        config = store.read_config(run_dir.name)
+        if config is None:
+            continue
+        records = [store.read_record(p) for p in sorted((run_dir / "evals").glob("*.json"))]
+        if not tracker.mirror_run(run_dir.name, config["identity"], [r for r in records if r is not None]):
+            return False
+    return True
 
 
-def sync_studies(store: Store, cfg: TrackingConfig) -> tuple[int, bool]:
+def sync_studies(store: Store, cfg: TrackingConfig) -> tuple[int, str]:
     """Mirror the finished trials of every study under ``tune/`` not mirrored yet; returns
-    the count and whether the tracking store answered throughout."""
+    the count logged and, when the tracking store failed, why ("" otherwise)."""
     count = 0
     for meta_path in sorted((store.root / "tune").glob("*/study.json")):
+        from benchmark.store import read_record
         from benchmark.tune import mirror_finished_trials  # optuna only when there are studies
 
-        logged = mirror_finished_trials(json.loads(meta_path.read_text()), store, cfg)
-        if logged is None:
-            return count, False
+        meta = read_record(meta_path, ("study", "storage"), then="its trials are not mirrored")
+        if meta is None:
+            continue
+        logged, problem = mirror_finished_trials(meta, store, cfg)
         count += logged
-    return count, True
+        if problem:
+            return count, problem
+    return count, ""
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         store, cfg = parse(sys.argv[1:] if argv is None else argv)
-        trainings, evaluations, ok = sync(store, cfg)
-        trials, ok_trials = sync_studies(store, cfg) if ok else (0, True)
-        ok = ok and ok_trials
+        if not cfg.enabled:
+            raise UserError("tracking.enabled=false leaves nothing to do; expected tracking.enabled=true "
+                            "(the default) to mirror the records")
+        tracker = Tracker(cfg, store, quiet=True)
+        ok = sync(store, cfg, tracker)
+        trials, problem = sync_studies(store, cfg) if ok else (0, tracker.problem)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    tracker_uri = cfg.uri or store.mlflow_uri()
-    if not ok:
-        print(f"error: MLflow at {tracker_uri} did not answer; the records stay on disk: rerun when "
-              f"it is up", file=sys.stderr)
+    except OSError as err:
+        print(f"error: {os_error_line(err)}", file=sys.stderr)
         return 1
-    print(f"mirrored {trainings} training(s), {evaluations} evaluation(s) and {trials} tuning trial(s) "
-          f"to {tracker_uri}")
+    counts = (f"{tracker.logged['training']} training(s), {tracker.logged['evaluation']} evaluation(s) "
+              f"and {trials} tuning trial(s)")
+    if not ok or problem:
+        print(f"error: {problem or tracker.problem}; mirrored {counts} before that", file=sys.stderr)
+        return 1
+    print(f"mirrored {counts} to {tracker.uri} (the others were there already)")
     return 0
 
 

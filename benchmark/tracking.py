@@ -1,25 +1,61 @@
 """MLflow mirror of the results on disk.
 
-One parent run per training key (parameters, training curve, tags to filter by method,
-model and data) and one nested run per evaluation (nfe, guidance, every metric, the
-sample grid as an artifact).  Only the driver process logs (jobs write records to disk),
-so parallel jobs never race on the store.  The disk records stay the record of truth: a
-tracking failure (a server that is down) prints one warning, the benchmark goes on, and
-``python -m benchmark.sync`` mirrors the records later.  What was mirrored to which
-tracking URI is kept in ``runs/<train_key>/mlflow.json``, so nothing is logged twice.
+The records on disk are the truth; MLflow mirrors them, and a run's identity in MLflow is
+its key, carried as tags: ``kind`` plus ``train_key`` (a training), ``eval_key`` (an
+evaluation), ``optuna_study`` and ``optuna_trial`` (a tuning study and its trials).  To
+mirror a unit the tracker first looks it up by those tags (``search_runs``) and creates
+it, tags included, in one ``create_run`` only when it is not there.  So mirroring is
+idempotent under any interleaving of drivers, kills and reruns:
+
+* every lookup-create-fill runs under an ``fcntl`` lock, ``<results_dir>/mlflow.lock``, so
+  concurrent drivers of one results folder never create the same run twice, and the
+  sqlite store is created (its schema migrated) by one process at a time;
+* a run is filled deterministically (same parameters, metrics with the same timestamps
+  and steps, the same artifact paths) and marked FINISHED last, so a run a killed mirror
+  left RUNNING is found, filled again and finished, never duplicated;
+* nothing is keyed by an absolute path: the default store is ``sqlite:///<results_dir>/
+  mlflow.db`` resolved when used, and when a copied or moved results folder opens its
+  store, the experiment's artifact location is moved to the copy's own ``mlartifacts/``
+  (runs copied with it follow), so the copy never writes into the original folder;
+* a run carries ``record_digest``, a hash of the record it mirrors: a record computed
+  again (``--force``, or after a corrupt one was moved aside) replaces its run.
+
+Layout: one parent run per training (its whole resolved config as parameters, the loss and
+learning-rate curve, the dataset as an ``mlflow.data`` input) with one nested run per
+evaluation (the evaluation parameters, every metric, the sample grid upscaled to a readable
+size).  Nested rather than flat: a training's parameters are logged once, on the checkpoint
+they describe, and every evaluation of that checkpoint sits under it; the evaluation runs
+carry the tags to filter and compare by (``method``, ``model``, ``data``, ``seed``,
+``nfe``, ``guidance``, ``ema``), and the long-format results table (``benchmark.report``)
+carries every parameter beside every metric.  Runs have real start and end times and the
+git commit of the code (``mlflow.source.git.commit``).
+
+Only the driver process logs (jobs write records to disk).  A tracking failure (a server
+that is down, a broken store) prints one warning saying how to get out, the benchmark goes
+on, and ``python -m benchmark.sync`` mirrors the records later.
 """
 
 from __future__ import annotations
 
-import json
+import datetime
+import functools
+import logging
 import os
+import sqlite3
+import subprocess
 import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from benchmark.keys import short_hash
 from benchmark.schema import TrackingConfig
-from benchmark.store import Store, atomic_write_json
+from benchmark.store import Store, file_lock
+
+DIGEST_TAG = "record_digest"
+GRID_MIN_SIDE = 320  # pixels: the 8x8-digit grids (about 90 px) are upscaled to at least this
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -33,16 +69,173 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def source_info() -> dict[str, Any]:
+    """The git commit, branch and dirtiness of the code running now ({} outside git)."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                                  cwd=Path(__file__).resolve().parent).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return {}
+    return {"git_commit": commit, "git_branch": git("rev-parse", "--abbrev-ref", "HEAD"),
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def _source_tags(commit: str | None, entry: str) -> dict[str, str]:
+    tags = {"mlflow.source.name": entry, "mlflow.source.type": "LOCAL"}
+    if commit and commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def ema_label(record: dict) -> str:
+    """How the evaluated weights were averaged: ``raw`` or ``ema=<sigma_rel>`` (post-hoc)."""
+    eval_identity = (record.get("identity") or {}).get("eval") or {}
+    ema = eval_identity.get("ema", record.get("ema", "raw"))
+    return ema if isinstance(ema, str) else f"ema={ema:g}"
+
+
+def _ms(seconds: float) -> int:
+    return int(round(seconds * 1000))
+
+
+def _iso_seconds(text: str | None) -> float | None:
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp() if text else None
+    except ValueError:
+        return None
+
+
+@dataclass
+class RunSpec:
+    """One MLflow run as the disk records define it: the tags that find it, its name, its
+    real start and end, and what it holds.  Everything is derived from the records, so
+    filling the same run twice logs the same values (MLflow keeps one copy of each)."""
+
+    find: dict[str, str]
+    name: str
+    start_ms: int
+    end_ms: int
+    digest: str
+    tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    metrics: list[tuple[str, float, int, int]] = field(default_factory=list)  # key, value, ms, step
+    datasets: list[tuple[str, str, str]] = field(default_factory=list)  # name, digest, context
+    artifacts: list[tuple[Path, str]] = field(default_factory=list)  # file, artifact folder
+    status: str = "FINISHED"
+
+
+def training_spec(train_key: str, identity: dict, summary: dict, source: dict | None, end: float,
+                  sweep_tags: dict[str, str]) -> RunSpec:
+    """The parent run of one training; ``end``: when it finished (epoch seconds)."""
+    method, model, data = identity["method"]["name"], identity["model"]["name"], identity["data"]["name"]
+    steps = identity["train"]["steps"]
+    seconds = summary.get("seconds")
+    end = summary.get("end_time") or end
+    start = end - (seconds or 0.0)
+    span = _ms(end) - _ms(start)
+    metrics = []
+    for step, loss, lr in summary.get("curve", []):
+        when = _ms(start) + span * int(step) // max(1, steps)  # curve points spread over the run
+        metrics += [("train_loss", float(loss), when, int(step)), ("lr", float(lr), when, int(step))]
+    if seconds is not None:
+        metrics.append(("train_seconds", float(seconds), _ms(end), steps))
+    fingerprint = short_hash(identity["data"])
+    tags = {"method": method, "model": model, "data": data, "seed": str(identity["seed"]),
+            "train_steps": str(steps), **sweep_tags,
+            **_source_tags((source or {}).get("git_commit"), "benchmark.run")}
+    return RunSpec(find={"kind": "training", "train_key": train_key},
+                   name=f"{method} {model} {data} [{train_key}]", start_ms=_ms(start), end_ms=_ms(end),
+                   digest=short_hash({"identity": identity, "curve": summary.get("curve", []),
+                                      "seconds": seconds}),
+                   tags=tags, params=flatten(identity), metrics=metrics,
+                   datasets=[(f"{data}-{fingerprint}", fingerprint, "training")])
+
+
+def evaluation_spec(parent: str, record: dict, identity: dict | None, grid: Path, end: float,
+                    sweep_tags: dict[str, str]) -> RunSpec:
+    """The nested run of one evaluation record, under its training's run ``parent``;
+    ``end``: when it finished if the record does not say (its file's time)."""
+    provenance = record.get("provenance") or {}
+    end = _iso_seconds(provenance.get("date")) or end
+    seconds = float(record.get("sample_seconds") or 0) + float(record.get("metric_seconds") or 0)
+    ema = ema_label(record)
+    eval_identity = (record.get("identity") or {}).get("eval") or {}
+    params = {"nfe": record["nfe"], "guidance": record["guidance"], "num_samples": record["num_samples"],
+              "ema": ema, "checkpoint": record.get("checkpoint", "final"),
+              **flatten(record.get("method_eval", {}), "method."), **flatten(eval_identity, "eval.")}
+    values = {**record["metrics"], "nfe_counted": record["nfe_counted"],
+              "sec_per_sample": record["sec_per_sample"], "metric_seconds": record["metric_seconds"]}
+    metrics = [(k, float(v), _ms(end), 0) for k, v in values.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    tags = {"mlflow.parentRunId": parent, "method": record["method"], "model": record["model"],
+            "data": record["data"], "seed": str(record.get("seed", "")), "nfe": str(record["nfe"]),
+            "guidance": str(record["guidance"]), "ema": ema, "train_key": record["train_key"], **sweep_tags,
+            **_source_tags(provenance.get("git"), "benchmark.run")}
+    datasets = []
+    if identity is not None:
+        fingerprint = short_hash(identity["data"])
+        datasets.append((f"{record['data']}-{fingerprint}", fingerprint, "evaluation"))
+    name = (f"{record['method']} {record['model']} {record['data']} nfe={record['nfe']} "
+            f"w={record['guidance']:g} {ema} [{record['eval_key']}]")
+    return RunSpec(find={"kind": "evaluation", "eval_key": record["eval_key"]}, name=name,
+                   start_ms=_ms(end - seconds), end_ms=_ms(end), digest=short_hash(record), tags=tags,
+                   params=params, metrics=metrics, datasets=datasets,
+                   artifacts=[(grid, "samples")] if grid.is_file() else [])
+
+
+def readable_grid(png: Path, folder: Path, min_side: int = GRID_MIN_SIDE) -> Path:
+    """``png`` upscaled by an integer factor with nearest-neighbour (pixels stay sharp
+    squares) until its longer side reaches ``min_side``; written into ``folder`` under the
+    same name.  A grid already that large is returned as it is."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(png) as image:
+            factor = -(-min_side // max(image.size))
+            if factor <= 1:
+                return png
+            out = folder / png.name
+            image.resize((image.width * factor, image.height * factor), Image.NEAREST).save(out)
+    except (OSError, UnidentifiedImageError):
+        return png  # logged as it is; the record, not the picture, is the result
+    return out
+
+
+def relocate_artifacts(db: Path, experiment_id: str, old: str, new: str) -> None:
+    """Point an experiment of the sqlite store ``db``, and its runs stored under ``old``, at
+    ``new``: a copied results folder's store then reads and writes the copy's artifacts."""
+    with sqlite3.connect(db, timeout=120) as con:
+        con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE experiment_id = ? "
+                    "AND substr(artifact_uri, 1, ?) = ?", (new, len(old) + 1, experiment_id, len(old), old))
+        con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (new, experiment_id))
+    con.close()
+
+
+def _quoted(value: str) -> str:
+    quote = "'" if "'" not in value else '"'
+    return f"{quote}{value}{quote}"
+
+
 class Tracker:
-    def __init__(self, cfg: TrackingConfig, store: Store, sweep: str = "") -> None:
+    def __init__(self, cfg: TrackingConfig, store: Store, sweep: str = "", quiet: bool = False) -> None:
         """``sweep``: the command's overrides; runs get tags ``sweep`` (a short hash of them,
-        for filtering in the UI) and ``sweep_overrides`` from the command that first logged them."""
-        self.cfg, self.store = cfg, store
+        for filtering in the UI) and ``sweep_overrides`` from the command that first logged them.
+        ``quiet``: a failure sets ``problem`` without printing it (the caller says it)."""
+        self.cfg, self.store, self.quiet = cfg, store, quiet
         self.sweep_tags = {"sweep": short_hash(sweep), "sweep_overrides": sweep[:500]} if sweep else {}
+        self.local = not cfg.uri  # the results folder's own sqlite store
         self.uri = cfg.uri or store.mlflow_uri()
         self._client = None
         self._experiment_id: str | None = None
         self.down = False
+        self.problem = ""  # the one line said when tracking failed
+        self.logged: Counter[str] = Counter()  # runs this tracker created or finished, by kind
         if self.uri.startswith("http"):
             # fail in seconds, not minutes of retries, when the server is down
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -50,179 +243,209 @@ class Tracker:
 
     # -- plumbing ------------------------------------------------------------------------
     def _connect(self):
+        """The client, once per tracker; the first use creates (or migrates) the store, so
+        it runs under the folder's mirror lock like everything else."""
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=self.uri)
-            self._experiment_id = self._experiment()
+            for name in ("mlflow", "alembic"):  # its INFO lines ("Creating initial MLflow database tables...")
+                logging.getLogger(name).setLevel(logging.WARNING)
+            client = MlflowClient(tracking_uri=self.uri)
+            self._experiment_id = self._experiment(client)
+            self._client = client
         return self._client
 
-    def _experiment(self) -> str:
-        from mlflow.exceptions import MlflowException
-
-        client = self._client
+    def _experiment(self, client) -> str:
         found = client.get_experiment_by_name(self.cfg.experiment)
-        if found is not None:
-            return found.experiment_id
-        try:
-            location = self.store.mlflow_artifacts().as_uri() if not self.cfg.uri else None
-            return client.create_experiment(self.cfg.experiment, artifact_location=location)
-        except MlflowException:  # another job created it first
-            return client.get_experiment_by_name(self.cfg.experiment).experiment_id
+        ours = self.store.mlflow_artifacts().as_uri() if self.local else None
+        if found is None:
+            return client.create_experiment(self.cfg.experiment, artifact_location=ours)
+        if ours and found.artifact_location != ours:  # this folder was copied or moved here
+            relocate_artifacts(self.store.mlflow_db(), found.experiment_id, found.artifact_location, ours)
+            print(f"notice: the MLflow store {self.store.mlflow_db()} was copied or moved from elsewhere: its "
+                  f"artifacts now live in {self.store.mlflow_artifacts()} (was {found.artifact_location})")
+        return found.experiment_id
 
-    def _ledger_path(self, train_key: str) -> Path:
-        return self.store.run_dir(train_key) / "mlflow.json"
-
-    def _ledger(self, train_key: str) -> dict:
-        """What was mirrored to *this* tracking URI (a run may be mirrored to several)."""
-        path = self._ledger_path(train_key)
-        ledgers = json.loads(path.read_text()) if path.is_file() else {}
-        return ledgers.get(self.uri, self._empty_ledger())
-
-    def _empty_ledger(self) -> dict:
-        return {"evals": {}}
-
-    def _save_ledger(self, train_key: str, ledger: dict) -> None:
-        path = self._ledger_path(train_key)
-        ledgers = json.loads(path.read_text()) if path.is_file() else {}
-        ledgers[self.uri] = ledger
-        atomic_write_json(path, ledgers)
+    def lock(self):
+        return file_lock(self.store.root / "mlflow.lock")
 
     def _safely(self, what: str, fn, *args):
         if not self.cfg.enabled or self.down:
             return None
         try:
-            return fn(*args)
+            with self.lock():
+                self._connect()
+                return fn(*args)
         except Exception as err:  # the disk record is the truth; tracking must not fail a run
             self.down = True  # one warning, no per-record timeouts against a dead server
-            print(f"warning: MLflow {what} failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                  f"results are on disk under {self.store.root}: mirror them later with "
-                  f"`python -m benchmark.sync results_dir={self.store.root}`", file=sys.stderr)
+            self.problem = self._explain(what, err)
+            if not self.quiet:
+                print(f"warning: {self.problem}", file=sys.stderr, flush=True)
             return None
 
+    def _explain(self, what: str, err: Exception) -> str:
+        """One line: what failed, why, and the way out."""
+        reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+        root = self.store.root
+        if self.uri.startswith("sqlite:///"):
+            db = Path(self.uri[len("sqlite:///"):])
+            return (f"MLflow {what} failed: the store {db} is unusable ({reason}); the records on disk are "
+                    f"intact: move it aside (mv {db} {db}.broken) and rebuild it from them with "
+                    f"`python -m benchmark.sync results_dir={root}`")
+        return (f"MLflow {what} failed at {self.uri} ({reason}); the records are on disk under {root}: "
+                f"mirror them later with `python -m benchmark.sync results_dir={root} tracking.uri={self.uri}`")
+
+    def _find(self, tags: dict[str, str]):
+        """The active run with these tags (a FINISHED one first, then the oldest), or None."""
+        from mlflow.entities import ViewType
+
+        query = " and ".join(f"tags.{k} = {_quoted(v)}" for k, v in tags.items())
+        runs = self._client.search_runs([self._experiment_id], query, run_view_type=ViewType.ACTIVE_ONLY,
+                                        max_results=20, order_by=["attributes.start_time ASC"])
+        finished = [r for r in runs if r.info.status != "RUNNING"]
+        return (finished or runs or [None])[0]
+
+    def _ensure(self, spec: RunSpec, kind: str) -> str:
+        """The run ``spec`` describes: found by its tags, else created with them; filled and
+        finished unless it was complete already.  A run holding an older record is replaced."""
+        client = self._client
+        found, replaced = self._find(spec.find), None
+        if found is not None and found.data.tags.get(DIGEST_TAG, spec.digest) != spec.digest:
+            replaced, found = found.info.run_id, None
+            client.delete_run(replaced)  # the record was computed again: its old run goes
+        if found is not None and found.info.status != "RUNNING":
+            return found.info.run_id
+        tags = {**spec.find, **spec.tags, DIGEST_TAG: spec.digest}
+        if found is None:
+            run_id = client.create_run(self._experiment_id, start_time=spec.start_ms, tags=tags,
+                                       run_name=spec.name).info.run_id
+            self._fill(run_id, spec, {})
+        else:  # left RUNNING by a mirror that was killed: fill it again and finish it
+            run_id = found.info.run_id
+            self._fill(run_id, spec, tags)
+        client.set_terminated(run_id, status=spec.status, end_time=spec.end_ms)
+        if replaced:
+            self._adopt_children(replaced, run_id)
+        self.logged[kind] += 1
+        return run_id
+
+    def _fill(self, run_id: str, spec: RunSpec, tags: dict[str, str]) -> None:
+        from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+
+        client = self._client
+        params = [Param(k, str(v)[:500]) for k, v in spec.params.items()]
+        metrics = [Metric(k, v, ms, step) for k, v, ms, step in spec.metrics]
+        run_tags = [RunTag(k, str(v)) for k, v in tags.items() if k != "mlflow.parentRunId"]
+        for i in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[i:i + 100])
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        for i in range(0, len(run_tags), 100):
+            client.log_batch(run_id, tags=run_tags[i:i + 100])
+        if spec.datasets:
+            client.log_inputs(run_id, datasets=[
+                DatasetInput(_dataset_entity(name, digest), tags=[InputTag("mlflow.data.context", context)])
+                for name, digest, context in spec.datasets])
+        with tempfile.TemporaryDirectory() as folder:
+            for path, where in spec.artifacts:
+                client.log_artifact(run_id, str(readable_grid(path, Path(folder))), artifact_path=where)
+
+    def _adopt_children(self, old: str, new: str) -> None:
+        """Nested runs of a replaced parent move under its replacement."""
+        from mlflow.entities import ViewType
+
+        for child in self._client.search_runs([self._experiment_id], f"tags.`mlflow.parentRunId` = '{old}'",
+                                              run_view_type=ViewType.ACTIVE_ONLY, max_results=1000):
+            self._client.set_tag(child.info.run_id, "mlflow.parentRunId", new)
+
     # -- public --------------------------------------------------------------------------
-    def log_training(self, train_key: str, identity: dict, curve: list, seconds: float | None) -> str | None:
-        return self._safely("logging of training", self._log_training, train_key, identity, curve, seconds)
+    def log_training(self, train_key: str, identity: dict, summary: dict, source: dict | None = None) -> str | None:
+        """The parent run of one finished training (None when tracking is off or failed)."""
+        final = self.store.final_path(train_key)
+        end = final.stat().st_mtime if final.is_file() else 0.0
+        spec = training_spec(train_key, identity, summary, source, end, self.sweep_tags)
+        return self._safely("logging of training", self._ensure, spec, "training")
 
-    def log_evaluation(self, train_key: str, identity: dict, record: dict) -> str | None:
-        return self._safely("logging of evaluation", self._log_evaluation, train_key, identity, record)
-
-    def _log_training(self, train_key: str, identity: dict, curve: list, seconds: float | None) -> str:
-        """The parent run of one training, from its identity (the resolved training config)."""
-        ledger = self._ledger(train_key)
-        if ledger.get("parent"):
-            return ledger["parent"]
-        from mlflow.entities import Metric, Param, RunTag
-
-        client = self._connect()
-        method, model = identity["method"]["name"], identity["model"]["name"]
-        steps = identity["train"]["steps"]
-        tags = {"method": method, "model": model, "data": identity["data"]["name"],
-                "train_key": train_key, "seed": str(identity["seed"]), "kind": "training", **self.sweep_tags}
-        run = client.create_run(self._experiment_id, run_name=f"{method}-{model}-{train_key}", tags=tags)
-        params = [Param(k, str(v)[:500]) for k, v in flatten(identity).items()]
-        metrics = [Metric("train_loss", float(loss), 0, int(step)) for step, loss, _ in curve]
-        metrics += [Metric("lr", float(lr), 0, int(step)) for step, _, lr in curve]
-        if seconds is not None:
-            metrics.append(Metric("train_seconds", float(seconds), 0, steps))
-        for i in range(0, max(len(params), len(metrics), 1), 900):
-            client.log_batch(run.info.run_id, metrics=metrics[i:i + 900], params=params[i:i + 90],
-                             tags=[RunTag("train_steps", str(steps))] if i == 0 else [])
-        client.set_terminated(run.info.run_id)
-        ledger["parent"] = run.info.run_id
-        self._save_ledger(train_key, ledger)
-        return run.info.run_id
-
-    def _log_evaluation(self, train_key: str, identity: dict, record: dict) -> str:
-        ledger = self._ledger(train_key)
-        if record["eval_key"] in ledger["evals"]:
-            return ledger["evals"][record["eval_key"]]
-        parent = ledger.get("parent") or self._log_training(train_key, identity, [], None)
-        ledger = self._ledger(train_key)
-        from mlflow.entities import Metric, Param
-
-        client = self._connect()
-        tags = {"mlflow.parentRunId": parent, "method": record["method"], "model": record["model"],
-                "data": record["data"], "nfe": str(record["nfe"]), "guidance": str(record["guidance"]),
-                "train_key": record["train_key"], "eval_key": record["eval_key"], "kind": "evaluation",
-                **self.sweep_tags}
-        run = client.create_run(self._experiment_id,
-                                run_name=f"{record['method']}-nfe{record['nfe']}-w{record['guidance']:g}",
-                                tags=tags)
-        params = {"nfe": record["nfe"], "guidance": record["guidance"], "num_samples": record["num_samples"],
-                  **flatten(record["method_eval"], "method.")}
-        values = {**record["metrics"], "nfe_counted": record["nfe_counted"],
-                  "sec_per_sample": record["sec_per_sample"], "metric_seconds": record["metric_seconds"]}
-        client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()],
-                         metrics=[Metric(k, float(v), 0, 0) for k, v in values.items()
-                                  if isinstance(v, (int, float))])
+    def log_evaluation(self, parent: str, record: dict, identity: dict | None = None) -> str | None:
+        """The nested run of one evaluation record under its training's run ``parent``."""
         grid = self.store.grid_path(record["train_key"], record["eval_key"])
-        if grid.is_file():
-            client.log_artifact(run.info.run_id, str(grid), artifact_path="samples")
-        client.set_terminated(run.info.run_id)
-        ledger["evals"][record["eval_key"]] = run.info.run_id
-        self._save_ledger(train_key, ledger)
-        return run.info.run_id
+        path = self.store.eval_path(record["train_key"], record["eval_key"])
+        end = path.stat().st_mtime if path.is_file() else 0.0
+        spec = evaluation_spec(parent, record, identity, grid, end, self.sweep_tags)
+        return self._safely("logging of evaluation", self._ensure, spec, "evaluation")
+
+    def mirror_run(self, train_key: str, identity: dict, records: list[dict]) -> bool:
+        """A finished training and these evaluation records of it; False once tracking failed."""
+        config = self.store.read_config(train_key) or {}
+        parent = self.log_training(train_key, identity, self.store.read_final_summary(train_key),
+                                   config.get("source"))
+        return parent is not None and all(self.log_evaluation(parent, r, identity) is not None for r in records)
+
+    def check(self) -> bool:
+        """Open the store (creating it if new); False, with ``problem`` set, if it is unusable."""
+        return self._safely("opening of the store", lambda: True) is True
+
+
+@functools.lru_cache(maxsize=64)
+def _dataset_entity(name: str, digest: str):
+    """An ``mlflow.data`` dataset entity: metadata only (the data stays where it is)."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    source = CodeDatasetSource({"loader": "benchmark.data", "dataset": name.rsplit("-", 1)[0]})
+    return MetaDataset(source=source, name=name, digest=digest)._to_mlflow_entity()
 
 
 class StudyTracker(Tracker):
     """An Optuna study in MLflow: one parent run per study, one child run per finished
     trial (its parameters, the objective, the intermediate values by training step, tags
-    with the study, the trial number and state, and the benchmark run's keys).  What was
-    logged to which tracking URI is kept in ``tune/<study>/mlflow.json``."""
+    with the study, the trial number and state, and the benchmark run's keys), found by
+    the tags ``optuna_study`` and ``optuna_trial``."""
 
-    def __init__(self, cfg: TrackingConfig, store: Store, study: str, study_dir: Path) -> None:
-        super().__init__(cfg, store, sweep=f"study {study}")
+    def __init__(self, cfg: TrackingConfig, store: Store, study: str, study_dir: Path, quiet: bool = False) -> None:
+        super().__init__(cfg, store, sweep=f"study {study}", quiet=quiet)
         self.study, self.study_dir = study, study_dir
 
-    def _ledger_path(self, train_key: str) -> Path:  # one ledger for the study
-        return self.study_dir / "mlflow.json"
-
-    def _empty_ledger(self) -> dict:
-        return {"parent": None, "trials": {}}
+    def _trial_tags(self, number: int) -> dict[str, str]:
+        return {"kind": "trial", "optuna_study": self.study, "optuna_trial": str(number)}
 
     def has_trial(self, number: int) -> bool:
-        return str(number) in self._ledger("")["trials"]
+        """The trial's run is in MLflow and finished (False when tracking is off or down)."""
+        def finished() -> bool:
+            run = self._find(self._trial_tags(number))
+            return run is not None and run.info.status != "RUNNING"
+
+        return bool(self._safely("lookup of a tuning trial", finished))
 
     def log_trial(self, trial, metric: str, nfe: int, study_tags: dict) -> str | None:
         return self._safely("logging of a tuning trial", self._log_trial, trial, metric, nfe, study_tags)
 
     def _study_parent(self, study_tags: dict) -> str:
-        ledger = self._ledger("")
-        if ledger.get("parent"):
-            return ledger["parent"]
-        client = self._connect()
-        tags = {"kind": "study", "optuna_study": self.study, **{k: str(v)[:500] for k, v in study_tags.items()}}
-        run = client.create_run(self._experiment_id, run_name=f"study-{self.study}", tags=tags)
-        client.set_terminated(run.info.run_id)  # children still attach; no run left "running"
-        ledger["parent"] = run.info.run_id
-        self._save_ledger("", ledger)
-        return run.info.run_id
+        tags = {k: str(v)[:500] for k, v in study_tags.items()}
+        now = _ms(datetime.datetime.now().timestamp())
+        spec = RunSpec(find={"kind": "study", "optuna_study": self.study}, name=f"study-{self.study}",
+                       start_ms=now, end_ms=now, digest=short_hash({"study": self.study}), tags=tags)
+        return self._ensure(spec, "study")  # finished at once: children still attach to it
 
     def _log_trial(self, trial, metric: str, nfe: int, study_tags: dict) -> str:
-        ledger = self._ledger("")
-        number = str(trial.number)
-        if number in ledger["trials"]:
-            return ledger["trials"][number]
-        from mlflow.entities import Metric, Param
-
         parent = self._study_parent({**study_tags, "objective": f"{metric} at nfe={nfe}"})
-        ledger = self._ledger("")
-        client = self._connect()
-        tags = {"mlflow.parentRunId": parent, "kind": "trial", "optuna_study": self.study,
-                "optuna_trial": number, "state": trial.state.name,
+        number = str(trial.number)
+        tags = {"mlflow.parentRunId": parent, "state": trial.state.name,
                 "train_key": trial.system_attrs.get("bench:train_key", ""),
                 "eval_key": trial.system_attrs.get("bench:eval_key", "")}
         if trial.user_attrs.get("fail_reason"):
             tags["fail_reason"] = trial.user_attrs["fail_reason"][:500]
-        run = client.create_run(self._experiment_id, run_name=f"{self.study}-trial-{number}", tags=tags)
-        metrics = [Metric(f"{metric}_intermediate", float(v), 0, int(step))
+        start = trial.datetime_start or trial.datetime_complete or datetime.datetime.now()
+        end = trial.datetime_complete or start
+        metrics = [(f"{metric}_intermediate", float(v), _ms(end.timestamp()), int(step))
                    for step, v in sorted(trial.intermediate_values.items())]
         if trial.value is not None:
-            metrics.append(Metric(f"{metric}_nfe{nfe}", float(trial.value), 0, 0))
-        client.log_batch(run.info.run_id, metrics=metrics,
-                         params=[Param(k, str(v)[:500]) for k, v in trial.params.items()])
-        client.set_terminated(run.info.run_id, status="FAILED" if trial.state.name == "FAIL" else "FINISHED")
-        ledger["trials"][number] = run.info.run_id
-        self._save_ledger("", ledger)
-        return run.info.run_id
+            metrics.append((f"{metric}_nfe{nfe}", float(trial.value), _ms(end.timestamp()), 0))
+        content = {"value": trial.value, "params": trial.params,
+                   "intermediate": sorted(trial.intermediate_values.items()),
+                   **{k: v for k, v in tags.items() if k != "mlflow.parentRunId"}}
+        spec = RunSpec(find=self._trial_tags(trial.number), name=f"{self.study}-trial-{number}",
+                       start_ms=_ms(start.timestamp()), end_ms=_ms(end.timestamp()),
+                       digest=short_hash(content), tags=tags, params=dict(trial.params), metrics=metrics,
+                       status="FAILED" if trial.state.name == "FAIL" else "FINISHED")
+        return self._ensure(spec, "trial")

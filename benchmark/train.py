@@ -352,7 +352,8 @@ def _write_final(store: Store, job: TrainingJob, t: Trainee, curve: list, second
         return
     lines = ["step,loss,lr"] + [f"{s},{loss:.6g},{lr:.6g}" for s, loss, lr in curve]
     atomic_write_bytes(store.run_dir(job.key) / "curve.csv", ("\n".join(lines) + "\n").encode())
-    store.write_final_summary(job.key, {"curve": curve, "seconds": seconds, "steps": job.config.train.steps})
+    store.write_final_summary(job.key, {"curve": curve, "seconds": seconds, "steps": job.config.train.steps,
+                                        "end_time": time.time()})  # MLflow's real end time
     save_state(store.final_path(job.key), {**weights_state(t), "step": job.config.train.steps,
                                            "seconds": seconds, "curve": curve})
 

@@ -638,8 +638,9 @@ def _prepare(tuning: Tuning, study, number: int, trial_id: int, params: dict) ->
         return None
     for key, value in (("train_key", job.key), ("eval_key", objective.key), ("overrides", overrides)):
         study._storage.set_trial_system_attr(trial_id, f"bench:{key}", value)
-    if not tuning.store.is_trained(job.key):  # the run folder's config, as benchmark.run writes it
-        tuning.store.write_config(job.key, {"identity": job.identity})
+    from benchmark.run import prepare_run_folder
+
+    prepare_run_folder(tuning.store, job)  # the run folder's config, as benchmark.run writes it
     return Flight(number, trial_id, params, plan, job, objective)
 
 
@@ -716,9 +717,9 @@ def study_tags(meta: dict) -> dict:
             "base_overrides": " ".join(meta["base_overrides"])}
 
 
-def mirror_finished_trials(meta: dict, store: Store, cfg) -> int | None:
-    """Log the finished trials of the study ``meta`` (its ``study.json``) not yet mirrored
-    to ``cfg``'s tracking URI (``benchmark.sync``); the count, or None if MLflow is down."""
+def mirror_finished_trials(meta: dict, store: Store, cfg) -> tuple[int, str]:
+    """Log the finished trials of the study ``meta`` (its ``study.json``) not yet in ``cfg``'s
+    tracking store (``benchmark.sync``); the count logged and, if MLflow failed, why."""
     import optuna
     from optuna.trial import TrialState
 
@@ -731,15 +732,11 @@ def mirror_finished_trials(meta: dict, store: Store, cfg) -> int | None:
         raise UserError(f"study {meta['study']} is not in {meta['storage']} (named by "
                         f"{store.root / 'tune' / meta['study'] / 'study.json'}); expected the storage "
                         f"the study was run with") from None
-    tracker = StudyTracker(cfg, store, meta["study"], store.root / "tune" / meta["study"])
-    count = 0
+    tracker = StudyTracker(cfg, store, meta["study"], store.root / "tune" / meta["study"], quiet=True)
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
-        if tracker.has_trial(t.number):
-            continue
         if tracker.log_trial(t, meta["metric"], meta["nfe"], study_tags(meta)) is None:
-            return None
-        count += 1
-    return count
+            break
+    return tracker.logged["trial"], tracker.problem
 
 
 def _mirror_missed(tuning: Tuning, study, tracker) -> None:

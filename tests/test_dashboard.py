@@ -122,7 +122,8 @@ def test_dashboard_ui_shows_the_evaluation_runs_and_their_metrics(served, result
     page = dashboard.runs_page(results / "mlflow.db")
     assert page.startswith(f"/#/experiments/{experiment}/runs?searchFilter=")
     dom, pixels = rendered(url + page, tmp_path / "runs.png", "1600,1000")
-    for name in ("fm-nfe1-w1", "fm-nfe2-w1", "meanflow-nfe1-w1", "meanflow-nfe2-w1"):
+    for name in ("fm mlp gaussian1d nfe=1 w=1 ema", "fm mlp gaussian1d nfe=2 w=1 ema",
+                 "meanflow mlp gaussian1d nfe=1 w=1 ema", "meanflow mlp gaussian1d nfe=2 w=1 ema"):
         assert name in dom
     assert pixels.std() > 20 and colourful(pixels) > 200  # coloured run dots and links
     assert int((pixels.max(axis=2) < 110).sum()) > 3_000  # run names and column headings
@@ -132,7 +133,7 @@ def test_dashboard_ui_shows_the_evaluation_runs_and_their_metrics(served, result
                                      "filter": f"tags.eval_key = '{record['eval_key']}'"})["runs"]
     run_id = run["info"]["run_id"]
     dom, _ = rendered(f"{url}/#/experiments/{experiment}/runs/{run_id}", tmp_path / "run.png", "1400,1800")
-    assert "meanflow-nfe2-w1" in dom and "swd" in dom and "mmd" in dom
+    assert "meanflow mlp gaussian1d nfe=2 w=1 ema" in dom and "swd" in dom and "mmd" in dom
     assert repr(record["metrics"]["swd"])[:8] in dom
 
 
@@ -147,6 +148,14 @@ def test_dashboard_without_a_store_names_the_missing_file(tmp_path: Path, capsys
     assert dashboard.main([f"results_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(tmp_path / "mlflow.db") in err[0] and "python -m benchmark.run" in err[0]
+
+
+def test_dashboard_over_a_broken_store_is_one_line_with_the_way_out(tmp_path: Path, capsys) -> None:
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"not a sqlite database " * 50)
+    assert dashboard.main(["--port", "0", f"results_dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"mv {db} {db}.broken" in err[0] and "python -m benchmark.sync" in err[0]
 
 
 def test_dashboard_on_a_busy_port_suggests_another(results: Path, capsys) -> None:
@@ -174,3 +183,50 @@ def test_dashboard_command_binds_loopback_over_the_suites_store(results: Path) -
     assert command[command.index("--host") + 1] == "127.0.0.1"
     assert command[command.index("--backend-store-uri") + 1] == f"sqlite:///{(results / 'mlflow.db').resolve()}"
     assert command[command.index("--default-artifact-root") + 1] == (results / "mlartifacts").resolve().as_uri()
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of the process group ``pgid``, from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads process groups from Linux's /proc")
+def test_the_dashboards_server_dies_with_it_even_when_it_is_killed_with_sigkill(tmp_path: Path) -> None:
+    from benchmark.schema import TrackingConfig
+    from benchmark.store import Store
+    from benchmark.tracking import Tracker
+
+    results = tmp_path / "results"
+    assert Tracker(TrackingConfig(), Store(results)).check()  # an empty store to serve
+    log = tmp_path / "stdout.log"
+    with log.open("w") as out:
+        board = subprocess.Popen([sys.executable, "-m", "benchmark.dashboard", "--port", "0",
+                                  f"results_dir={results}"], cwd=REPO, stdout=out, stderr=subprocess.DEVNULL,
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    guard = None
+    try:
+        url = wait_until_up(board, log)
+        [guard] = [int(p) for p in Path(f"/proc/{board.pid}/task/{board.pid}/children").read_text().split()]
+        assert len(group_members(guard)) >= 3  # the guard, mlflow server and its uvicorn
+        board.kill()  # SIGKILL: no handler of the dashboard runs
+        board.wait()
+        deadline = time.monotonic() + 30
+        while group_members(guard) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert group_members(guard) == []
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+    finally:
+        if board.poll() is None:
+            board.kill()
+        if guard is not None and group_members(guard):
+            os.killpg(guard, signal.SIGKILL)

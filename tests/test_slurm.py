@@ -233,7 +233,7 @@ def test_cancelled_job_fails_the_command_caches_nothing_and_a_rerun_completes(
     assert code == 1, command.text()
     failed = [ln for ln in command.err if ln.startswith("failed:")]
     assert len(failed) == 1, command.text()
-    assert f"train fm {key}: job {job_id} (CANCELLED" in failed[0]
+    assert f"failed: training {key}: job {job_id} (CANCELLED" in failed[0]
     assert job_states(slurm_cluster, job_id) == ["CANCELLED"]
     run_dir = tmp_path / "results" / "runs" / key
     assert not (run_dir / "final.pt").exists()

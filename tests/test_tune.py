@@ -283,7 +283,7 @@ def test_benchmark_sync_mirrors_a_study_run_without_tracking(tmp_path, capsys) -
     assert sync_main([f"results_dir={results}"]) == 0
     assert "mirrored 2 training(s), 2 evaluation(s) and 2 tuning trial(s)" in capsys.readouterr().out
     assert sync_main([f"results_dir={results}"]) == 0
-    assert "mirrored 2 training(s), 2 evaluation(s) and 0 tuning trial(s)" in capsys.readouterr().out
+    assert "mirrored 0 training(s), 0 evaluation(s) and 0 tuning trial(s)" in capsys.readouterr().out
     client = MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("fewstep-bench").experiment_id])
     kinds = sorted(r.data.tags["kind"] for r in runs)
