@@ -15,7 +15,7 @@ from pathlib import Path
 from benchmark.schema import RunConfig, UserError, build_run_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-GROUPS = ("method", "model", "data", "train", "eval", "launcher")
+GROUPS = ("method", "model", "data", "train", "eval", "launcher", "experiment")
 
 
 @dataclass(frozen=True)

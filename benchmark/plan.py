@@ -9,8 +9,9 @@ guidance value a method takes at training time (MeanFlow's omega) becomes a trai
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from benchmark.catalog import (
     BACKBONE_VERSIONS,
@@ -20,8 +21,9 @@ from benchmark.catalog import (
     dataset_info,
 )
 from benchmark.config import Point
-from benchmark.keys import short_hash
+from benchmark.keys import canonical_json, short_hash
 from benchmark.metrics.inception import extractor_weights_identity
+from benchmark.metrics.reference_batch import check_reference_batch
 from benchmark.schema import (
     FID_SUITE_FIELDS,
     EvalConfig,
@@ -30,6 +32,7 @@ from benchmark.schema import (
     method_config,
     semantic_fields,
 )
+from benchmark.vae_weights import VAE_DECODERS, vae_identity
 from methods.specs import InvalidPoint, get_spec
 
 
@@ -74,60 +77,102 @@ class Plan:
     notices: list[str] = field(default_factory=list)
     origins: list[tuple[tuple[str, ...], str, str]] = field(default_factory=list)
     """(overrides, train key, eval key) of every planned sweep point: what made each key."""
+    dry_run: bool = False  # files a run needs may be missing: noted in `unavailable`, not raised
+    unavailable: list[str] = field(default_factory=list)
 
 
-def training_identity(cfg: RunConfig, method_name: str, method_train: dict) -> dict:
+NOT_AVAILABLE = "not available"
+"""Stands in an identity for what a dry run could not read (the key is then provisional)."""
+
+T = TypeVar("T")
+
+
+def _available(plan: Plan, find: Callable[[], T]) -> T | str:
+    """``find()``, a check of files a run needs that raises UserError when they are missing.
+    A real plan raises it (one line, before anything trains); a dry run records the reason in
+    ``plan.unavailable`` and puts :data:`NOT_AVAILABLE` in the identity instead."""
+    try:
+        return find()
+    except UserError as err:
+        if not plan.dry_run:
+            raise
+        if str(err) not in plan.unavailable:
+            plan.unavailable.append(str(err))
+        return NOT_AVAILABLE
+
+
+def provisional(identity: dict) -> bool:
+    """Whether an identity (and so its key) holds a :data:`NOT_AVAILABLE` placeholder."""
+    return NOT_AVAILABLE in canonical_json(identity)
+
+
+def training_identity(cfg: RunConfig, method_name: str, method_train: dict, plan: Plan | None = None) -> dict:
     """Everything that changes the trained weights, versions included."""
     spec = get_spec(method_name)
     data = dataset_info(cfg.data.name)
     return {
         "method": {"name": method_name, "version": spec.version, **method_train},
         "model": {**semantic_fields(cfg.model), "backbone_version": BACKBONE_VERSIONS[cfg.model.backbone]},
-        "data": _data_identity(cfg, data.version),
+        "data": _data_identity(cfg, data.version, plan or Plan()),
         "train": semantic_fields(cfg.train),
         "seed": cfg.seed,
     }
 
 
 # Data options that say where files are or how to fetch them, not what they hold: the
-# training key carries the files' fingerprint instead (a copied folder keeps its key).
-LOCATION_OPTIONS = ("root", "download")
+# training key carries the files' fingerprint instead (a copied folder keeps its key); the
+# autoencoder (vae) only decodes for evaluation, so its bytes enter evaluation keys instead.
+LOCATION_OPTIONS = ("root", "download", "vae")
 
 
-def _data_identity(cfg: RunConfig, version: int) -> dict:
+def _data_identity(cfg: RunConfig, version: int, plan: Plan) -> dict:
     """Name, options and loader version; datasets read from data.root add a fingerprint of
     their files (names and sizes, torch-free), fetching them first if download=true."""
     identity = {"name": cfg.data.name, "options": cfg.data.options, "version": version}
     if cfg.data.name not in DATA_LAYOUTS:
         return identity
+    options = {k: v for k, v in cfg.data.options.items() if k not in LOCATION_OPTIONS}
+    return {**identity, "options": options, "files": _available(plan, lambda: _data_files(cfg))}
+
+
+def _data_files(cfg: RunConfig) -> str:
+    """The fingerprint of the dataset's files, fetching them first if download=true."""
     root = cfg.data.options.get("root") or cfg.data.root
     try:
-        files = data_files_fingerprint(cfg.data.name, root)
+        return data_files_fingerprint(cfg.data.name, root)
     except UserError:
         if not (cfg.data.options.get("download") and DATA_LAYOUTS[cfg.data.name].download):
             raise
         from benchmark.data.torchvision_sets import download_dataset  # imports torch: only here
 
         download_dataset(cfg.data.name, root)
-        files = data_files_fingerprint(cfg.data.name, root)
-    options = {k: v for k, v in cfg.data.options.items() if k not in LOCATION_OPTIONS}
-    return {**identity, "options": options, "files": files}
+        return data_files_fingerprint(cfg.data.name, root)
 
 
-def _metric_identity(cfg: RunConfig, data: DatasetInfo) -> tuple[dict, object]:
+def _metric_identity(cfg: RunConfig, data: DatasetInfo, plan: Plan) -> tuple[dict, object]:
     """The eval fields and metric id an evaluation key carries.  The fid suite's fields and
-    its feature network's weights (checked to exist here, before any training) enter only
-    the keys of datasets that use that suite, so digits and toy keys are unchanged."""
+    the files it reads (feature network weights, an ADM reference batch, the latents'
+    autoencoder; checked to exist here, before any training) enter only the keys of datasets
+    that use that suite, and each only when used, so other keys are unchanged."""
     fields = semantic_fields(cfg.eval)
     if data.metric != "fid":
         return {k: v for k, v in fields.items() if k not in FID_SUITE_FIELDS}, data.metric_id
-    weights = extractor_weights_identity(cfg.eval.extractor, cfg.eval.backend, cfg.eval.inception_weights)
-    return fields, {"id": data.metric_id, "weights": weights}
+    ev = cfg.eval
+    metric = {"id": data.metric_id,
+              "weights": _available(plan, lambda: extractor_weights_identity(
+                  ev.extractor, ev.backend, ev.inception_weights))}
+    if ev.reference:
+        metric["reference_batch"] = _available(plan, lambda: check_reference_batch(
+            ev.reference, ev.extractor, ev.backend, ev.precision_recall))
+    if cfg.data.options.get("decoder") in VAE_DECODERS:
+        metric["vae"] = _available(plan, lambda: vae_identity(cfg.data.options.get("vae", "")))
+    return fields, metric
 
 
-def plan_points(points: list[Point]) -> Plan:
-    """Validate every point, dedupe trainings and evaluations by key."""
-    plan, seen_train, seen_eval, errors = Plan(), {}, set(), []
+def plan_points(points: list[Point], dry_run: bool = False) -> Plan:
+    """Validate every point, dedupe trainings and evaluations by key.  ``dry_run``: files a
+    run would read may be missing (see :func:`_available`)."""
+    plan, seen_train, seen_eval, errors = Plan(dry_run=dry_run), {}, set(), []
     methods = {p.config.method.get("name") for p in points}
     notified = set()
     for point in points:
@@ -164,21 +209,23 @@ def _plan_point(point: Point, plan: Plan, notified: set) -> tuple[TrainingJob, E
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, num_samples=data.eval_samples))
     guidance = cfg.guidance
     if spec.guidance == "train":
+        guidance = _training_guidance(cfg, spec, getattr(mcfg, spec.guidance_field))
         train_fields[spec.guidance_field] = guidance
         mcfg = dataclasses.replace(mcfg, **{spec.guidance_field: guidance})
         if guidance != 1.0 and name not in notified:
             notified.add(name)
             plan.notices.append(f"{name} takes guidance at training time: guidance becomes a "
                                 f"training axis (method.{spec.guidance_field}), one checkpoint per value")
-    if not data.conditional and guidance != 1.0:
+    conditional = data.conditional and cfg.data.options.get("conditional", True) is not False
+    if not conditional and guidance != 1.0:
         raise InvalidPoint(f"guidance={guidance} needs class labels but data={cfg.data.name} is "
                            f"unconditional; expected guidance=1")
-    spec.validate(mcfg, cfg.nfe, guidance)
-    identity = training_identity(cfg, name, train_fields)
+    spec.validate(mcfg, cfg.nfe, cfg.guidance)  # the axis; a method field (omega) checks its own range
+    identity = training_identity(cfg, name, train_fields, plan)
     train_key = short_hash(identity)
     job = TrainingJob(train_key, cfg, name, train_fields, identity)
     eval_guidance = guidance if spec.guidance in ("eval_cfg", "eval_input") else 1.0
-    eval_config, metric = _metric_identity(cfg, data)
+    eval_config, metric = _metric_identity(cfg, data, plan)
     eval_identity = {
         "train_key": train_key, "nfe": cfg.nfe, "guidance": eval_guidance,
         "method": eval_fields, "eval": eval_config, "checkpoint": "final",
@@ -188,6 +235,16 @@ def _plan_point(point: Point, plan: Plan, notified: set) -> tuple[TrainingJob, E
                  spec.nfe_cost(mcfg, cfg.nfe, eval_guidance), guidance, eval_fields, eval_identity,
                  cfg.eval)
     return job, ev
+
+
+def _training_guidance(cfg: RunConfig, spec: Any, configured: float) -> float:
+    """The guidance a method that takes it at training time trains with: the top-level
+    ``guidance`` axis, or its own field (``method.omega``) when only that is set; MeanFlow's
+    XL/2 setting (omega 0.2 with kappa 0.92) is below the axis's minimum of 1."""
+    if cfg.guidance == 1.0 or configured in (1.0, cfg.guidance):
+        return configured if cfg.guidance == 1.0 else cfg.guidance
+    raise UserError(f"guidance={cfg.guidance:g} and method.{spec.guidance_field}={configured:g} both set "
+                    f"{spec.name}'s training guidance; expected only one of them (guidance=W sweeps it)")
 
 
 def _check_backbone(cfg: RunConfig, kind: str) -> None:

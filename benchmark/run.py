@@ -21,7 +21,7 @@ from benchmark.config import (
     merge_overrides,
     read_overrides_file,
 )
-from benchmark.plan import EvalJob, Plan, TrainingJob, plan_points
+from benchmark.plan import EvalJob, Plan, TrainingJob, plan_points, provisional
 from benchmark.schema import UserError
 from benchmark.store import Store, os_error_line
 
@@ -32,7 +32,7 @@ def help_text() -> str:
     lines = [USAGE, "", "Compare few-step generators on one backbone. A comma list sweeps: nfe=1,2,4.", "",
              "config groups (pick one with group=name; override fields with group.field=value):"]
     for group in GROUPS:
-        lines.append(f"  {group:<9} {', '.join(group_choices(group))}")
+        lines.append(f"  {group:<10} {', '.join(group_choices(group))}")
     lines += ["", "top-level keys:",
               "  nfe=N            sampling steps (evaluation axis)",
               "  guidance=W       guidance scale omega, 1 = none (evaluation axis, or training for meanflow)",
@@ -77,20 +77,41 @@ def parse_args(argv: list[str]) -> tuple[list[str], set[str]]:
 
 
 def print_plan(plan: Plan, store: Store) -> None:
+    """The dry run's report: each training and evaluation, cached or missing; with files a
+    run needs missing, keys are provisional and the reasons are listed at the end."""
     print(f"plan: {len(plan.trainings)} training(s), {len(plan.evaluations)} evaluation(s)")
+    unknown = {job.key for job in plan.trainings if provisional(job.identity)}
     for job in plan.trainings:
         state = "cached" if store.is_trained(job.key) else "missing"
         if state == "missing" and store.state_path(job.key).is_file():
             state = "partial (resumes)"
+        if provisional(job.identity):
+            state = "files not available: provisional key"
         print(f"\ntraining {job.key}  [{state}]  method={job.method_name} model={job.config.model.name} "
               f"data={job.config.data.name} steps={job.config.train.steps}")
+        for line in cost_lines(job):
+            print(f"  {line}")
         print("  " + json.dumps(job.identity, sort_keys=True))
     print("\nevaluations:")
     for ev in plan.evaluations:
         state = "cached" if store.has_eval(ev.train_key, ev.key) else "missing"
+        if ev.train_key in unknown or provisional(ev.identity):
+            state = "files not available: provisional key"
         params = "".join(f" {k}={v}" for k, v in ev.method_eval.items())
         print(f"  eval {ev.key}  [{state}]  train={ev.train_key} nfe={ev.nfe} "
               f"(passes {ev.nfe_counted}) guidance={ev.guidance:g} ema={ev.eval.ema}{params}")
+    if plan.unavailable:
+        print("\nnot available (a real run stops at the first of these, before training):")
+        for reason in plan.unavailable:
+            print(f"  - {reason}")
+
+
+def cost_lines(job: TrainingJob) -> list[str]:
+    """What a training will spend, printed under it by ``--dry-run``: its budget in steps and
+    images seen (the one place a compute estimate for the resolved job belongs)."""
+    train = job.config.train
+    return [f"budget: {train.steps:,} steps x batch {train.batch_size:,} = "
+            f"{train.steps * train.batch_size:,} training images seen"]
 
 
 def format_table(records: list[dict]) -> str:
@@ -284,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         if "--help" in flags:
             print(help_text())
             return 0
-        plan = plan_points(compose_points(overrides))
+        plan = plan_points(compose_points(overrides), dry_run="--dry-run" in flags)
         for notice in plan.notices:
             print(f"notice: {notice}")
         if plan.skipped:

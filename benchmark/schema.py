@@ -109,6 +109,9 @@ class EvalConfig:
                                    semantic=False)
     reference_split: str = _spec("train", "real split the samples are compared with (fid suite)",
                                  choices=("train", "test"))
+    # An ADM-format reference batch replaces the split; its bytes (not its path) enter the key.
+    reference: str = _spec("", "ADM reference batch .npz (mu/sigma and/or arr_0) instead of the "
+                               "dataset's split ('' = the split; fid suite)", semantic=False)
     num_reference: int = _spec(50000, "real images in the reference; a fixed subset if the split is "
                                       "larger (fid suite)", min=2)
     precision_recall: bool = _spec(False, "also improved precision/recall, k-NN in feature space (fid suite)")

@@ -272,11 +272,24 @@ def test_each_disk_dataset_trains_and_evaluates_end_to_end(name: str, tmp_path: 
 
 
 def test_cli_missing_dataset_root_is_one_line_exit_2(tmp_path: Path) -> None:
-    result = run_cli("data=cifar10", f"data.root={tmp_path / 'nowhere'}", "--dry-run")
+    result = run_cli("data=cifar10", f"data.root={tmp_path / 'nowhere'}", f"results_dir={tmp_path / 'r'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: data=cifar10 data.root=")
     assert "does not exist" in lines[0] and "cifar-10-batches-py/data_batch_1..5" in lines[0]
+    assert not (tmp_path / "r" / "runs").exists()
+
+
+def test_dry_run_with_a_missing_dataset_root_prints_the_plan_and_the_reason(tmp_path: Path) -> None:
+    result = run_cli("data=cifar10", f"data.root={tmp_path / 'nowhere'}", "eval.extractor=pixels", "--dry-run")
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert '"files": "not available"' in result.stdout
+    assert result.stdout.count("[files not available: provisional key]") == 2  # the training and its eval
+    reasons = result.stdout.split("not available (a real run stops at the first of these, before training):\n")[1]
+    assert reasons.splitlines() == [f"  - data=cifar10 data.root='{tmp_path / 'nowhere'}' does not exist; "
+                                    "expected cifar-10-batches-py/data_batch_1..5, test_batch, batches.meta "
+                                    "(torchvision's CIFAR-10 python pickles): point data.root at a folder "
+                                    "holding it or add data.options.download=true to fetch it"]
 
 
 def test_cli_malformed_dataset_is_one_line_exit_2(tmp_path: Path) -> None:

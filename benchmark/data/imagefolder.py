@@ -38,7 +38,7 @@ def load_imagefolder(root: str = "", resolution: int = 0, channels: int = 3) -> 
     if channels not in (1, 3):
         raise UserError(f"data.options.channels={channels!r} is invalid; expected 3 (RGB) or 1 (grey)")
     base = check_data_root("imagefolder", root)
-    classes, samples = _discover(base, root)
+    classes, samples = discover_images(base, root)
     arrays = [_read(Path(path), base, root, resolution, channels) for path, _ in samples]
     for array, (path, _) in zip(arrays, samples):
         if array.shape != arrays[0].shape:  # np.stack needs one size: name the first outlier
@@ -63,7 +63,7 @@ def load_imagefolder(root: str = "", resolution: int = 0, channels: int = 3) -> 
     )
 
 
-def _discover(base: Path, root: str) -> tuple[list[str], list[tuple[str, int]]]:
+def discover_images(base: Path, root: str) -> tuple[list[str], list[tuple[str, int]]]:
     """Class names and (path, label) pairs, as torchvision's ImageFolder finds them."""
     from torchvision.datasets import ImageFolder
 

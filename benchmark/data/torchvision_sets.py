@@ -41,8 +41,13 @@ from benchmark.schema import UserError
 RECIPE_VERSION = 1  # bump when the scaling or the splits change
 
 
-def load_cifar10(root: str = "", download: bool = False) -> Dataset:
-    """CIFAR-10: train (50000, 3, 32, 32) and test (10000, 3, 32, 32) in [-1, 1], 10 classes."""
+def load_cifar10(root: str = "", download: bool = False, conditional: bool = True) -> Dataset:
+    """CIFAR-10: train (50000, 3, 32, 32) and test (10000, 3, 32, 32) in [-1, 1], 10 classes;
+    ``conditional=False`` drops the labels (every label the null label 0, K = 0), the
+    unconditional setting of the published sCM, MeanFlow and Flow Matching CIFAR-10 FIDs."""
+    if not isinstance(conditional, bool):
+        raise UserError(f"data.options.conditional={conditional!r} is not true or false; expected "
+                        "true (class-conditional) or false (unconditional)")
     from torchvision.datasets import CIFAR10
 
     if download:
@@ -62,7 +67,10 @@ def load_cifar10(root: str = "", download: bool = False) -> Dataset:
             raise UserError(data_root_error("cifar10", root, f"holds a malformed {split} split "
                                             f"({type(err).__name__}: {_first_line(err)})")) from None
         splits[split] = _checked(images, labels, (3, 32, 32), 10, "cifar10", root, split)
-    return _dataset("cifar10", splits, 10, root, "torchvision.datasets.CIFAR10")
+    if not conditional:  # the recipe names it only then, so conditional fingerprints are unchanged
+        splits = {k: (images, np.zeros_like(labels)) for k, (images, labels) in splits.items()}
+    return _dataset("cifar10", splits, 10 if conditional else 0, root, "torchvision.datasets.CIFAR10",
+                    {} if conditional else {"conditional": False})
 
 
 def load_mnist(root: str = "", download: bool = False) -> Dataset:
@@ -175,10 +183,12 @@ def _checked(images: np.ndarray, labels: np.ndarray, shape: tuple[int, ...], num
     return images, labels
 
 
-def _dataset(name: str, splits: dict, num_classes: int, root: str, source: str) -> Dataset:
+def _dataset(name: str, splits: dict, num_classes: int, root: str, source: str,
+             extra: dict | None = None) -> Dataset:
     """uint8 splits -> a Dataset in [-1, 1]; the fingerprint hashes the exact uint8 bytes."""
     (train_u8, train_y), (test_u8, test_y) = splits["train"], splits["test"]
-    recipe = {"name": name, "version": RECIPE_VERSION, "scaling": "x/127.5-1", "source": source}
+    recipe = {"name": name, "version": RECIPE_VERSION, "scaling": "x/127.5-1", "source": source,
+              **(extra or {})}
     as_float = lambda u8: torch.from_numpy(u8.astype(np.float32) / 127.5 - 1.0)  # noqa: E731
     return Dataset(
         name=name,

@@ -59,7 +59,7 @@ BACKENDS = ("torch-fidelity", "clean-fid")
 KID_SUBSETS = 100
 KID_MAX_SUBSET_SIZE = 1000
 PIXELS_SIDE = 8
-DECODE_CHUNK = 4096  # samples decoded and featurised at a time (bounds decoded-image memory)
+DECODE_CHUNK = 1024  # samples decoded and featurised at a time (bounds image memory: 0.8 GB at 256^2)
 PIXELS_ID = "fewstep-pixels8-v1"
 """Name of the pixels extractor in torch-fidelity's registry (bump if its features change)."""
 
@@ -72,6 +72,7 @@ class FidOptions:
     extractor: str = "inception-v3"
     inception_weights: str = ""      # a file or folder; "" = the libraries' usual locations
     reference_split: str = "train"
+    reference: str = ""              # an ADM reference batch .npz instead of the split
     num_reference: int = 50000
     precision_recall: bool = False
     batch_size: int = 64             # images per feature batch
@@ -81,7 +82,8 @@ class FidOptions:
     @classmethod
     def from_eval_config(cls, cfg: Any) -> FidOptions:
         return cls(backend=cfg.backend, extractor=cfg.extractor, inception_weights=cfg.inception_weights,
-                   reference_split=cfg.reference_split, num_reference=cfg.num_reference,
+                   reference_split=cfg.reference_split, reference=cfg.reference,
+                   num_reference=cfg.num_reference,
                    precision_recall=cfg.precision_recall, batch_size=cfg.feature_batch_size,
                    progress=cfg.progress, seed=cfg.seed)
 
@@ -360,6 +362,15 @@ def image_features(images: Tensor, extractor: Extractor, options: FidOptions) ->
                                              progress=options.progress)
 
 
+def uint8_features(images: Tensor, extractor: Extractor, options: FidOptions) -> np.ndarray:
+    """uint8 images (N, C, H, W) (a reference batch's) -> features (N, D) float32, taken
+    ``DECODE_CHUNK`` at a time so a large batch is never held as a copy."""
+    parts = [FEATURE_BACKENDS[options.backend](extractor.adapt(chunk.contiguous()), extractor,
+                                               batch_size=options.batch_size, progress=options.progress)
+             for chunk in images.split(DECODE_CHUNK)]
+    return np.concatenate(parts)
+
+
 def dataset_features(samples: Tensor, dataset: Dataset, extractor: Extractor,
                      options: FidOptions) -> np.ndarray:
     """Samples in the dataset's space (N, *dataset.shape) -> features (N, D) float32.
@@ -400,6 +411,22 @@ def fid_from_features(features_a: np.ndarray, features_b: np.ndarray, backend: s
         return float(fid_from_feats(a, b))
 
 
+def fid_to_statistics(features: np.ndarray, reference: dict[str, np.ndarray]) -> float:
+    """Frechet distance between (N, D) features and reference statistics ``mu`` (D,),
+    ``sigma`` (D, D) (an ADM batch's, made by ADM's suite in float64), by torch-fidelity's
+    code, our statistics in float64 too (ADM's ``np.mean``/``np.cov`` of float32 features)."""
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    features = np.asarray(features, dtype=np.float64)
+    ours = {"mu": features.mean(axis=0), "sigma": np.cov(features, rowvar=False)}
+    if reference["mu"].shape != ours["mu"].shape:
+        raise UserError(f"eval.reference holds {reference['mu'].shape[0]}-d statistics but the "
+                        f"extractor gives {features.shape[1]}-d features; expected the extractor the "
+                        f"statistics were made with (inception-v3: 2048-d)")
+    theirs = {k: np.asarray(reference[k], dtype=np.float64) for k in ("mu", "sigma")}
+    return float(fid_statistics_to_metric(ours, theirs, False)[torch_fidelity.KEY_METRIC_FID])
+
+
 def kid_from_features(features_a: np.ndarray, features_b: np.ndarray, backend: str,
                       seed: int) -> dict[str, float]:
     """KID (unbiased MMD^2, cubic kernel) mean over subsets; ``kid_std`` where reported."""
@@ -436,19 +463,33 @@ def evaluate_fid(samples: Tensor, dataset: Dataset, *, options: FidOptions,
     Latent samples are decoded by the dataset's decode hook first.  Returns the metrics
     ``fd``, ``kid`` (``kid_std`` with torch-fidelity), ``precision``, ``recall``,
     ``density``, ``coverage`` if asked, and ``reference``: what the samples were compared
-    with (see :func:`benchmark.metrics.reference.reference_features`).
+    with (see :func:`benchmark.metrics.reference.reference_features`).  With an ADM
+    reference batch (``options.reference``) FD is against its ``mu``/``sigma`` when it holds
+    them, and KID / precision-recall against its ``arr_0`` images (absent without them).
     """
-    from benchmark.metrics.reference import reference_features
-
     check_images(samples, "samples")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     extractor = build_extractor(options, Path(cache_dir), device)
-    real, reference = reference_features(dataset, extractor, options, Path(cache_dir))
+    real, stats, reference = reference_set(dataset, extractor, options, Path(cache_dir))
     fake = dataset_features(samples, dataset, extractor, options)
-    metrics: dict[str, Any] = {"fd": fid_from_features(fake, real, options.backend),
-                               **kid_from_features(fake, real, options.backend, options.seed)}
+    metrics: dict[str, Any] = {"fd": fid_to_statistics(fake, stats) if stats is not None
+                               else fid_from_features(fake, real, options.backend)}
+    if real is not None:
+        metrics.update(kid_from_features(fake, real, options.backend, options.seed))
     if options.precision_recall:
         from benchmark.metrics.prdc import precision_recall
 
         metrics.update(precision_recall(real, fake, seed=options.seed))
     return {**metrics, "reference": reference}
+
+
+def reference_set(dataset: Dataset, extractor: Extractor, options: FidOptions, cache_dir: Path
+                  ) -> tuple[np.ndarray | None, dict[str, np.ndarray] | None, dict[str, Any]]:
+    """What samples are compared with: (reference features or None, reference statistics or
+    None, its record): an ADM batch when ``options.reference`` names one, else the split."""
+    from benchmark.metrics.reference import reference_batch, reference_features
+
+    if options.reference:
+        return reference_batch(extractor, options, cache_dir)
+    features, info = reference_features(dataset, extractor, options, cache_dir)
+    return features, None, info

@@ -5,6 +5,7 @@ network and its weights, backend -- resizing differs --, resolution, which image
 are computed once per such tuple and written atomically (temp file, rename) to::
 
     <results_dir>/cache/reference/<data>-<split>-<extractor>-<backend>-<key>.npz
+    <results_dir>/cache/reference/adm-<sha256>-<extractor>-<backend>-<key>.npz   (ADM batch)
         features  float32 (N, D)      the reference features (FD statistics, KID, PR)
         meta      str (JSON)          the identity below, for a human reading the cache
 
@@ -23,6 +24,7 @@ import io
 import json
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,15 +83,56 @@ def reference_features(dataset: Dataset, extractor: Any, options: Any,
     with torch.no_grad():
         resolution = tuple(decode_latents(dataset, images[:1]).shape[1:])
     identity = reference_identity(dataset, extractor, options, len(index), resolution)
+    stem = f"{dataset.name}-{options.reference_split}-{extractor.name}-{options.backend}"
+    features, info = cached_features(Path(cache_dir), stem, identity,
+                                     lambda: dataset_features(images[index], dataset, extractor, options))
+    return features, {**identity, "of": len(images), **info}
+
+
+def reference_batch(extractor: Any, options: Any, cache_dir: Path
+                    ) -> tuple[np.ndarray | None, dict[str, np.ndarray] | None, dict[str, Any]]:
+    """An ADM reference batch (``options.reference``, :mod:`benchmark.metrics.reference_batch`):
+    (features (N, D) of its ``arr_0`` images or None, its ``mu``/``sigma`` as float64 or None,
+    the record of what it is).  The images' features are cached like a split's."""
+    from benchmark.metrics.fid import uint8_features
+    from benchmark.metrics.inception import file_digest
+    from benchmark.metrics.reference_batch import locate_reference_batch
+
+    batch = locate_reference_batch(options.reference)
+    digest = file_digest(batch.path)[:16]
+    info: dict[str, Any] = {"version": REFERENCE_VERSION, "dataset": "adm-reference-batch",
+                            "file": str(batch.path), "sha256": digest, "extractor": extractor.identity(),
+                            "backend": options.backend, "fd_from": "arr_0", "cached": True, "seconds": 0.0}
+    stats = None
+    with np.load(batch.path, allow_pickle=False) as arrays:
+        if batch.stats_dim is not None:
+            stats = {"mu": np.asarray(arrays["mu"], np.float64), "sigma": np.asarray(arrays["sigma"], np.float64)}
+            info["fd_from"] = "mu/sigma"
+        features = None
+        if batch.images is not None:
+            n, h, w, c = batch.images
+            info.update(images=n, of=n, resolution=[c, h, w])
+            identity = {k: info[k] for k in ("version", "dataset", "sha256", "extractor", "backend")}
+            features, cache = cached_features(
+                Path(cache_dir), f"adm-{digest}-{extractor.name}-{options.backend}", identity,
+                lambda: uint8_features(torch.from_numpy(arrays["arr_0"]).permute(0, 3, 1, 2), extractor, options))
+            info.update(cache)
+    return features, stats, info
+
+
+def cached_features(cache_dir: Path, stem: str, identity: dict[str, Any],
+                    compute: Callable[[], np.ndarray]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Features from ``<cache_dir>/reference/<stem>-<key>.npz``, or ``compute()`` written there
+    atomically; key = 16 hex of sha256 over ``identity``.  Returns the features and
+    ``{"cache": relative path, "cached": reused?, "seconds": spent computing}``."""
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    path = (Path(cache_dir) / "reference" /
-            f"{dataset.name}-{options.reference_split}-{extractor.name}-{options.backend}-{key}.npz")
-    info = {**identity, "of": len(images), "cache": str(path.relative_to(cache_dir))}
+    path = cache_dir / "reference" / f"{stem}-{key}.npz"
+    info = {"cache": str(path.relative_to(cache_dir))}
     features = _load(path)
     if features is not None:
         return features, {**info, "cached": True, "seconds": 0.0}
     tick = time.perf_counter()
-    features = dataset_features(images[index], dataset, extractor, options)
+    features = compute()
     seconds = time.perf_counter() - tick
     buffer = io.BytesIO()
     np.savez(buffer, features=features, meta=np.array(json.dumps(identity, sort_keys=True)))
