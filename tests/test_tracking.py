@@ -87,7 +87,7 @@ def test_runs_have_readable_unique_names_real_times_git_source_and_the_dataset(m
     key = training.data.tags["train_key"]
     assert training.info.run_name == f"fm mlp gaussian1d [{key}]"
     assert sorted(n for n in names if "nfe=" in n) == sorted(
-        f"fm mlp gaussian1d nfe={r.data.tags['nfe']} w=1 ema [{r.data.tags['eval_key']}]"
+        f"fm mlp gaussian1d nfe={r.data.tags['nfe']} w=1 ema=0.1 [{r.data.tags['eval_key']}]"
         for r in runs if r.data.tags["kind"] == "evaluation")
     summary = Store(mirrored).read_final_summary(key)
     # the training's real span: it ended when final.pt was written, after its training seconds
