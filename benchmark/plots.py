@@ -30,9 +30,11 @@ from matplotlib.ticker import (  # noqa: E402
 
 from benchmark.report import (  # noqa: E402
     aggregate,
+    at_unit_guidance,
     method_rank,
     model_order,
     pareto_front,
+    reported_rows,
     variant_labels,
 )
 from benchmark.store import atomic_write_bytes  # noqa: E402
@@ -222,9 +224,9 @@ def figure_png(fig: Figure) -> bytes:
 def figures(df: pd.DataFrame, curves: pd.DataFrame, results_dir: Path, metric: str = "") -> dict[str, Figure]:
     """Every figure of a selection, named ``<metric>_vs_nfe__<data>`` and so on."""
     out: dict[str, Figure | None] = {}
-    for data, part in df.groupby("data", sort=True):
+    for data, part in reported_rows(df).groupby("data", sort=True):
         m = metric or quality_metric(data)
-        out[f"{m}_vs_nfe__{data}"] = quality_vs_nfe(part, m)
+        out[f"{m}_vs_nfe__{data}"] = quality_vs_nfe(at_unit_guidance(part), m)
         out[f"{m}_vs_guidance__{data}"] = quality_vs_guidance(part, m)
         out[f"{m}_vs_model_size__{data}"] = quality_vs_model_size(part, m)
         out[f"{m}_vs_cost__{data}"] = quality_vs_cost(part, m)

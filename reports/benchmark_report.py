@@ -100,10 +100,13 @@ if not others:
 # %% [markdown]
 # ## Guidance scale and model size
 #
-# Shown only where the selection sweeps them.
+# Shown only where the selection sweeps them. Where evaluation guidance is swept the
+# Method × NFE tables read every method at ω = 1; a guided method's best ω is chosen on a
+# separate evaluation seed (same checkpoints, fresh sample noise) and scored at the
+# reported one, so the choice does not fit the reported draw.
 
 # %%
-for kind in ("guidance", "model_size"):
+for kind in ("guidance", "best_guidance", "model_size"):
     for t in tables[kind]:
         display(HTML(t.to_html()))
 for name, fig in figs.items():

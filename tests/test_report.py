@@ -179,6 +179,58 @@ def test_two_evaluations_of_one_generator_mark_no_best(results: Path) -> None:
             path.unlink()
 
 
+def test_table_note_says_in_words_which_leads_are_resolved() -> None:
+    apart = _fake_evaluations(3, {"fm": 1.0, "imf": 1.3}, spread=0.05, rng_seed=3)
+    [t] = report.method_nfe_tables(apart, ["fd"])
+    assert "Resolved leads: NFE 1: fm" in t.note or "resolved leads: NFE 1: fm" in t.note
+    same = _fake_evaluations(3, {"fm": 1.0, "imf": 1.0}, spread=0.05, rng_seed=3)
+    [t] = report.method_nfe_tables(same, ["fd"])
+    assert "not resolved" in t.note.lower() and "NFE 1" in t.note and "resolved leads" not in t.note.lower()
+
+
+def _guidance_rows(fd: dict[tuple[float, int], float]) -> pd.DataFrame:
+    """One guided method at NFE 1 over (guidance, evaluation seed) -> FD, 3 training seeds
+    each (the same value, so intervals are those of the seeds' spread: zero)."""
+    rows = []
+    for (omega, eval_seed), value in fd.items():
+        for seed in range(3):
+            v = value + 0.01 * seed
+            rows.append({"method": "imf", "model": "dit-tiny", "data": "digits", "seed": seed, "nfe": 1,
+                         "nfe_counted": 1.0, "guidance": omega, "eval.seed": eval_seed, "metric.fd_matched": v,
+                         "metric.fd_matched_lo": v - 0.1, "metric.fd_matched_hi": v + 0.1, "grid": None,
+                         "train_key": f"t{seed}", "eval_key": f"e{omega}{eval_seed}{seed}", "sec_per_sample": 1e-3})
+    return pd.DataFrame(rows)
+
+
+def test_best_guidance_is_chosen_on_the_selection_seed_and_scored_at_the_reported_one() -> None:
+    reported = report.REPORTED_EVAL_SEED
+    # the reported draw favours omega = 3, the selection draw omega = 2: omega* must be 2,
+    # and the row reports the reported-seed value at omega = 2 (not the reported minimum)
+    df = _guidance_rows({(1.0, reported): 5.0, (2.0, reported): 2.5, (3.0, reported): 2.0,
+                         (1.0, 7): 5.2, (2.0, 7): 1.9, (3.0, 7): 2.4})
+    best = report.best_guidance(df, "fd_matched", lower_is_better=True)
+    assert len(best) == 1
+    row = best.iloc[0]
+    assert row["omega_star"] == 2.0 and row["selection_seeds"] == [7]
+    assert row["at_1"] == pytest.approx(5.01) and row["at_star"] == pytest.approx(2.51)
+    [t] = report.best_guidance_tables(df)
+    assert t.rows == [["imf", "1", "2", report.fmt_cell(5.01, row["at_1.lo"], row["at_1.hi"]),
+                       report.fmt_cell(2.51, row["at_star.lo"], row["at_star.hi"])]]
+    assert not any(b for r in t.bold for b in r) and "seed(s) 7" in t.note
+    # the comparison tables read the reported seed at omega = 1 only
+    tables = report.comparisons(df, "fd_matched")
+    [nfe_table] = tables["method_nfe"]
+    assert nfe_table.rows[0][0] == "imf" and nfe_table.numbers["mean"].tolist() == pytest.approx([5.01])
+    [curve] = tables["guidance"]
+    assert curve.numbers["mean"].tolist() == pytest.approx([5.01, 2.51, 2.01])
+
+
+def test_best_guidance_needs_a_selection_seed() -> None:
+    df = _guidance_rows({(1.0, report.REPORTED_EVAL_SEED): 5.0, (2.0, report.REPORTED_EVAL_SEED): 2.5})
+    assert report.best_guidance(df, "fd_matched", lower_is_better=True).empty
+    assert report.best_guidance_tables(df) == []
+
+
 def test_a_column_with_one_entry_marks_nothing() -> None:
     one = _fake_evaluations(3, {"fm": 1.0}, spread=0.05, rng_seed=0)
     [t] = report.method_nfe_tables(one, ["fd"])
