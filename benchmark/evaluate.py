@@ -23,6 +23,7 @@ from torch import Tensor
 
 from benchmark.catalog import dataset_info
 from benchmark.data import Dataset
+from benchmark.flops import evaluation_flops
 from benchmark.plan import EvalJob, TrainingJob
 from benchmark.sample import Generated, balanced_labels, generate
 from benchmark.schema import EvalConfig
@@ -93,6 +94,7 @@ def evaluate(job: TrainingJob, ev: EvalJob, trainee: Trainee, store: Store, fina
         "metrics": metrics, "intervals": intervals, "checkpoint": ev.identity["checkpoint"], "identity": ev.identity,
         "provenance": provenance(trainee.device),
     }
+    record["flops"] = evaluation_flops(trainee, ev.train_key, cfg.train, ev.nfe, guidance, ev.method_eval)
     if reference is not None:
         record["reference"] = reference
     store.write_eval(ev.train_key, ev.key, record, rung=ev.rung)

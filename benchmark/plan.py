@@ -221,6 +221,8 @@ def _plan_point(point: Point, plan: Plan, notified: set) -> tuple[TrainingJob, E
         raise InvalidPoint(f"guidance={guidance} needs class labels but data={cfg.data.name} is "
                            f"unconditional; expected guidance=1")
     spec.validate(mcfg, cfg.nfe, cfg.guidance)  # the axis; a method field (omega) checks its own range
+    if cfg.train.budget:
+        cfg = _budgeted(cfg, name, train_fields, plan)
     identity = training_identity(cfg, name, train_fields, plan)
     train_key = short_hash(identity)
     job = TrainingJob(train_key, cfg, name, train_fields, identity)
@@ -235,6 +237,21 @@ def _plan_point(point: Point, plan: Plan, notified: set) -> tuple[TrainingJob, E
                  spec.nfe_cost(mcfg, cfg.nfe, eval_guidance), guidance, eval_fields, eval_identity,
                  cfg.eval)
     return job, ev
+
+
+def _budgeted(cfg: RunConfig, name: str, train_fields: dict, plan: Plan) -> RunConfig:
+    """``cfg`` with ``train.steps`` set to what ``train.budget`` buys this method (FLOPs
+    counted on the CPU on the real model: a second or two per method and model)."""
+    from benchmark.flops import resolve_budget  # imports torch: only for budgeted runs
+
+    def reference_fields(ref: str) -> dict:
+        return method_config(get_spec(ref), {"name": ref}).split()[0]
+
+    steps = resolve_budget(cfg, name, train_fields, reference_fields)
+    notice = f"train.budget={cfg.train.budget}: {name} trains {steps:,} steps"
+    if notice not in plan.notices:
+        plan.notices.append(notice)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
 
 
 def _training_guidance(cfg: RunConfig, spec: Any, configured: float) -> float:

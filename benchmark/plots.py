@@ -31,6 +31,7 @@ from matplotlib.ticker import (  # noqa: E402
 from benchmark.report import (  # noqa: E402
     aggregate,
     at_unit_guidance,
+    cost_axis,
     method_rank,
     model_order,
     pareto_front,
@@ -38,7 +39,7 @@ from benchmark.report import (  # noqa: E402
     variant_labels,
 )
 from benchmark.store import atomic_write_bytes  # noqa: E402
-from benchmark.table import metric_info, quality_metric  # noqa: E402
+from benchmark.table import COST_AXES, metric_info, quality_metric  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="notebook")
 
@@ -135,29 +136,34 @@ def quality_vs_model_size(df: pd.DataFrame, metric: str) -> Figure | None:
     return fig
 
 
-def quality_vs_cost(df: pd.DataFrame, metric: str) -> Figure | None:
-    """Quality against sampling seconds per sample (log-x), the Pareto front as a step line."""
+def quality_vs_cost(df: pd.DataFrame, metric: str, cost: str = "") -> Figure | None:
+    """Quality against a cost axis (log-x; counted sampling FLOPs by default, see
+    :func:`benchmark.report.cost_axis`), the Pareto front as a step line."""
     col = f"metric.{metric}"
     if col not in df.columns or df[col].isna().all():
         return None
-    agg = aggregate(df, [col, "sec_per_sample"], {"nfe", "guidance", "model", "model."}).dropna(subset=[col])
-    agg["front"] = pareto_front(agg["sec_per_sample"], agg[col], metric_info(metric).lower_is_better is not False)
+    axis = cost_axis(df, cost)
+    values = [col] + ([axis] if axis != "nfe_counted" else [])  # nfe_counted is a setting, not a value
+    agg = aggregate(df, values, {"nfe", "guidance", "model", "model."}).dropna(subset=[col])
+    agg["front"] = pareto_front(agg[axis], agg[col], metric_info(metric).lower_is_better is not False)
     agg = agg.assign(method_name=agg["method"], method=agg["label"])
     firsts = agg.drop_duplicates("method").set_index("method")["method_name"]
     order = sorted(firsts.index, key=lambda v: (method_rank(firsts[v]), v))
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    sns.scatterplot(agg, x="sec_per_sample", y=col, hue="method", hue_order=order, style="model", s=60, ax=ax)
-    front = agg[agg["front"]].sort_values("sec_per_sample")
-    ax.step(front["sec_per_sample"], front[col], where="post", color="0.3", lw=1, ls="--", label="Pareto front")
+    sns.scatterplot(agg, x=axis, y=col, hue="method", hue_order=order, style="model", s=60, ax=ax)
+    front = agg[agg["front"]].sort_values(axis)
+    ax.step(front[axis], front[col], where="post", color="0.3", lw=1, ls="--", label="Pareto front")
     for _, r in agg.iterrows():
-        ax.annotate(f"{r.nfe}", (r.sec_per_sample, r[col]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        ax.annotate(f"{r.nfe}", (r[axis], r[col]), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.set_xscale("log")
-    # 1-2-5 ticks labelled like 2e-04: a sweep often spans less than one decade
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0e}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set(xlabel="sampling seconds per sample (log scale; labels: NFE)", ylabel=_ylabel(metric),
-           title=f"{df['data'].iloc[0]}: quality vs sampling cost")
+    if axis == "nfe_counted":
+        _log2_x(ax, agg[axis])
+    else:  # 1-2-5 ticks labelled like 2e-04: a sweep often spans less than one decade
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0e}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set(xlabel=f"{COST_AXES[axis]} (log scale; labels: NFE)", ylabel=_ylabel(metric),
+           title=f"{df['data'].iloc[0]}: quality vs {COST_AXES[axis].split(' per ')[0]}")
     _plain_y(ax)
     _legend(ax)
     return fig
@@ -221,7 +227,8 @@ def figure_png(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def figures(df: pd.DataFrame, curves: pd.DataFrame, results_dir: Path, metric: str = "") -> dict[str, Figure]:
+def figures(df: pd.DataFrame, curves: pd.DataFrame, results_dir: Path, metric: str = "",
+            cost: str = "") -> dict[str, Figure]:
     """Every figure of a selection, named ``<metric>_vs_nfe__<data>`` and so on."""
     out: dict[str, Figure | None] = {}
     for data, part in reported_rows(df).groupby("data", sort=True):
@@ -229,17 +236,18 @@ def figures(df: pd.DataFrame, curves: pd.DataFrame, results_dir: Path, metric: s
         out[f"{m}_vs_nfe__{data}"] = quality_vs_nfe(at_unit_guidance(part), m)
         out[f"{m}_vs_guidance__{data}"] = quality_vs_guidance(part, m)
         out[f"{m}_vs_model_size__{data}"] = quality_vs_model_size(part, m)
-        out[f"{m}_vs_cost__{data}"] = quality_vs_cost(part, m)
+        out[f"{m}_vs_cost__{data}"] = quality_vs_cost(part, m, cost)
         out[f"training_curves__{data}"] = training_curves(part, curves)
         for model in model_order(part):
             out[f"samples__{data}__{model}"] = sample_grids(part[part["model"] == model], results_dir)
     return {k: v for k, v in out.items() if v is not None}
 
 
-def write_plots(df: pd.DataFrame, curves: pd.DataFrame, results_dir: Path, out: Path, metric: str = "") -> list[Path]:
+def write_plots(df: pd.DataFrame, curves: pd.DataFrame, results_dir: Path, out: Path, metric: str = "",
+                cost: str = "") -> list[Path]:
     """Save every figure as ``out/<name>.png`` (atomically); stale PNGs in ``out`` are removed."""
     written = []
-    for name, fig in figures(df, curves, results_dir, metric).items():
+    for name, fig in figures(df, curves, results_dir, metric, cost).items():
         path = out / f"{name}.png"
         atomic_write_bytes(path, figure_png(fig))
         written.append(path)

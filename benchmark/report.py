@@ -33,6 +33,7 @@ import pandas as pd
 from benchmark.schema import EvalConfig, UserError
 from benchmark.store import atomic_write_bytes
 from benchmark.table import (
+    COST_AXES,
     FLOORS,
     config_columns,
     metric_info,
@@ -45,8 +46,8 @@ from benchmark.table import (
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_SOURCE = REPO / "reports" / "benchmark_report.py"
 USAGE = ("usage: python -m benchmark.report [column=value[,value...] ...] [results_dir=DIR] [out=DIR] "
-         "[notebook_dir=DIR] [metric=NAME] [--no-notebook] [--help]")
-OPTIONS = ("results_dir", "out", "notebook_dir", "metric")
+         "[notebook_dir=DIR] [metric=NAME] [cost=AXIS] [--no-notebook] [--help]")
+OPTIONS = ("results_dir", "out", "notebook_dir", "metric", "cost")
 KINDS = {"method_nfe": "Method × NFE", "guidance": "Guidance scale sweeps",
          "best_guidance": "Best guidance scale (chosen on a separate evaluation seed)",
          "model_size": "Model-size scaling", "pareto": "Quality vs. sampling cost (Pareto front)"}
@@ -534,32 +535,59 @@ def pareto_front(cost: pd.Series, quality: pd.Series, lower_is_better: bool) -> 
     return pd.Series(front, index=cost.index)
 
 
-def pareto_tables(df: pd.DataFrame) -> list[Table]:
-    """Per dataset: every configuration's quality against its sampling seconds per sample."""
+def cost_axis(df: pd.DataFrame, wanted: str = "") -> str:
+    """The cost column quality is put against: ``wanted`` (one of ``COST_AXES``), else the
+    first counted axis every row holds (sampling FLOPs; counted passes for records written
+    before FLOP accounting: ``python -m benchmark.flops`` adds them)."""
+    if wanted:
+        if wanted not in COST_AXES:
+            raise UserError(f"cost={wanted} is not a cost axis; expected one of {', '.join(COST_AXES)}")
+        if wanted not in df.columns or df[wanted].isna().all():
+            raise UserError(f"cost={wanted}: the selected records do not hold it; run python -m benchmark.flops "
+                            f"to count FLOPs of older records, or choose cost=nfe_counted")
+        return wanted
+    for axis in COST_AXES:
+        if axis in df.columns and df[axis].notna().all():
+            return axis
+    return "sec_per_sample"
+
+
+def _cost_text(value: float, axis: str) -> str:
+    return f"{value:g}" if axis == "nfe_counted" else f"{value:.3g}" if axis != "sec_per_sample" else f"{value:.2e}"
+
+
+def pareto_tables(df: pd.DataFrame, cost: str = "") -> list[Table]:
+    """Per dataset: every configuration's quality against its cost (:func:`cost_axis`)."""
     tables = []
     for data, part in df.groupby("data", sort=True):
         metric = quality_metric(data)
         col = f"metric.{metric}"
         if col not in part.columns or part[col].isna().all():
             continue
-        agg = aggregate(part, [col, "sec_per_sample"], {"nfe", "guidance", "model", "model."})
+        axis = cost_axis(part, cost)
+        # nfe_counted is a setting (pooled as one), the other costs are values to average
+        values = list(dict.fromkeys([col, *(c for c in (axis, "sec_per_sample") if c not in config_columns(part))]))
+        agg = aggregate(part, values, {"nfe", "guidance", "model", "model."})
         agg = agg[agg[col].notna()]
-        agg["front"] = pareto_front(agg["sec_per_sample"], agg[col], metric_info(metric).lower_is_better is not False)
-        agg = agg.sort_values(["sec_per_sample", col]).reset_index(drop=True)
-        header = ["method", "model", "NFE", "counted", "ω", "s/sample", metric_info(metric).label, "front"]
+        agg["front"] = pareto_front(agg[axis], agg[col], metric_info(metric).lower_is_better is not False)
+        agg = agg.sort_values([axis, col]).reset_index(drop=True)
+        header = ["method", "model", "NFE", "counted", "ω", COST_AXES[axis], metric_info(metric).label, "front"]
         rows = [[r.label, str(r.model), str(r.nfe), f"{r.nfe_counted:g}", f"{r.guidance:g}",
-                 f"{r.sec_per_sample:.2e}", fmt_cell(r[col], r[f"{col}.lo"], r[f"{col}.hi"]),
+                 _cost_text(r[axis], axis), fmt_cell(r[col], r[f"{col}.lo"], r[f"{col}.hi"]),
                  "✓" if r.front else ""] for _, r in agg.iterrows()]
         bold = [[bool(r.front)] * len(header) for _, r in agg.iterrows()]
-        numbers = agg[["label", "model", "nfe", "nfe_counted", "guidance", "sec_per_sample", col,
+        numbers = agg[["label", "model", "nfe", "nfe_counted", "guidance", *values[1:], col,
                        f"{col}.std", "n", "front"]].rename(columns={"label": "method"})
-        title = f"{data} · {_metric_title(metric)} vs. sampling seconds per sample"
-        note = "sorted by sampling cost; bold rows are the Pareto front (nothing is both faster and better)"
-        tables.append(Table("pareto", title, header, rows, bold, numbers, note, {"data": data, "metric": metric}))
+        title = f"{data} · {_metric_title(metric)} vs. {COST_AXES[axis]}"
+        note = (f"sorted by {COST_AXES[axis]}; bold rows are the Pareto front (nothing is both cheaper and better)"
+                + ("; measured seconds depend on the machine and its load" if axis == "sec_per_sample" else
+                   "; a counted cost: the same on every machine"))
+        tables.append(Table("pareto", title, header, rows, bold, numbers, note,
+                            {"data": data, "metric": metric, "cost": axis}))
     return tables
 
 
-def comparisons(df: pd.DataFrame, metric: str = "") -> dict[str, list[Table]]:
+def comparisons(df: pd.DataFrame, metric: str = "", cost: str = "") -> dict[str, list[Table]]:
     """Every comparison table of a selection, by kind (``method_nfe``, ``guidance``, ...)."""
     out: dict[str, list[Table]] = {k: [] for k in KINDS}
     reported = reported_rows(df)
@@ -569,7 +597,7 @@ def comparisons(df: pd.DataFrame, metric: str = "") -> dict[str, list[Table]]:
         out["guidance"] += axis_tables(part, metrics, "guidance", "guidance")
         out["model_size"] += axis_tables(part, metrics, "model", "model_size")
     out["best_guidance"] = best_guidance_tables(df)
-    out["pareto"] = pareto_tables(reported)
+    out["pareto"] = pareto_tables(reported, cost)
     return out
 
 
@@ -712,6 +740,7 @@ class Options:
     out: Path | None = None
     notebook_dir: Path = REPO / "reports"
     metric: str = ""
+    cost: str = ""
     notebook: bool = True
     filters: list[str] = field(default_factory=list)
 
@@ -728,7 +757,7 @@ def parse_args(argv: list[str]) -> Options:
         if key in OPTIONS:
             if not value:
                 raise UserError(f"{key}= needs a value; expected e.g. {key}=results")
-            setattr(opts, key, value if key == "metric" else Path(value))
+            setattr(opts, key, value if key in ("metric", "cost") else Path(value))
         else:
             opts.filters.append(arg)
     opts.out = opts.out or opts.results_dir / "report"
@@ -745,6 +774,8 @@ def help_text() -> str:
         "  out=DIR           where tables and plots go (default <results_dir>/report)",
         "  notebook_dir=DIR  where the executed notebook and its HTML go (default reports/)",
         "  metric=NAME       tabulate only this metric (fd, kid, class_acc, swd, mmd, ...)",
+        "  cost=AXIS         the cost axis of the Pareto table and plot: " + ", ".join(COST_AXES),
+        "                    (default: sampling FLOPs; measured seconds only when asked)",
         "  --no-notebook     skip executing reports/benchmark_report.py", "",
         "example: python -m benchmark.report data=digits method=fm,meanflow,imf"])
 
@@ -766,14 +797,15 @@ def run(opts: Options) -> dict:
         raise UserError(f"metric={opts.metric} is not in the selected records; expected one of {', '.join(held)}")
     out = Path(opts.out)
     atomic_write_bytes(out / "selection.csv", selection.to_csv(index=False).encode())
-    tables = comparisons(selection, opts.metric)
+    tables = comparisons(selection, opts.metric, opts.cost)
     written = write_tables(tables, out)
     curves = read_table(table_path.parent / "curves.parquet")
-    figures = plots.write_plots(selection, curves, opts.results_dir, out / "plots", opts.metric)
+    figures = plots.write_plots(selection, curves, opts.results_dir, out / "plots", opts.metric, opts.cost)
     summary = write_summary(tables, figures, out, floor_lines(selection))
     result = {"table": table_path, "rows": len(selection), "tables": written, "plots": figures, "summary": summary}
     if opts.notebook:
-        params = {"table": str(table_path.resolve()), "filters": filters, "metric": opts.metric}
+        params = {"table": str(table_path.resolve()), "filters": filters, "metric": opts.metric,
+                  "cost": opts.cost}
         result["notebook"], result["html"] = execute_notebook(NOTEBOOK_SOURCE, Path(opts.notebook_dir), params, REPO)
         result["published"] = publish(summary, figures, Path(opts.notebook_dir))
     return result

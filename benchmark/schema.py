@@ -78,6 +78,12 @@ class TrainConfig:
                                parse=lambda key, v: _parse_profiles(key, v))
     ema_snapshots: int = _spec(12, "EMA snapshots saved evenly over the run (storage: 2 x this x model size)",
                                min=1, max=10_000)
+    # A compute budget the planner turns into ``steps`` per method before training (the
+    # resolved steps, not the budget, enter the key): flops:fm3000 = as many training FLOPs
+    # as 3000 Flow Matching steps on the same model, data and batch.
+    budget: str = _spec("", "training budget: empty = steps; flops:<method><steps> or flops:<total FLOPs> "
+                            "(resolved to steps per method by FLOP counting)", semantic=False,
+                    parse=lambda key, v: _parse_budget(key, v))
     ckpt_every: int = _spec(500, "steps between checkpoints", min=1, semantic=False)
     log_every: int = _spec(50, "steps between curve points", min=1, semantic=False)
     device: str = _spec("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"), semantic=False)
@@ -148,6 +154,15 @@ def _parse_profiles(key: str, value: Any) -> list[float]:
     if len(set(profiles)) != len(profiles):
         raise UserError(f"{key}={value!r} repeats a width; expected distinct values, e.g. [0.05,0.1]")
     return sorted(profiles)
+
+
+def _parse_budget(key: str, value: Any) -> str:
+    if value in ("", None):
+        return ""
+    from benchmark.flops import parse_budget  # torch-free
+
+    parse_budget(str(value))
+    return str(value).strip().lower()
 
 
 FID_SUITE_FIELDS = ("backend", "extractor", "reference_split", "num_reference", "precision_recall")

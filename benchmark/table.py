@@ -91,6 +91,12 @@ def table_metrics(data: str) -> tuple[str, ...]:
 
 ID_COLUMNS = ["method", "model", "data", "seed", "nfe", "nfe_counted", "nfe_declared", "guidance", "ema"]
 TIME_COLUMNS = ["sample_seconds", "sec_per_sample", "metric_seconds", "train_seconds"]
+# Counted costs (benchmark.flops): deterministic, unlike the measured seconds.
+FLOP_COLUMNS = {"train_flops_per_step": "train_per_step", "train_flops": "train_total",
+                "sample_flops": "sample_per_sample"}
+COST_AXES = {"sample_flops": "sampling FLOPs per sample", "nfe_counted": "counted network passes per sample",
+             "train_flops": "training FLOPs", "sec_per_sample": "measured sampling seconds per sample"}
+"""Cost axes the report can put quality against; the first is the default."""
 KEY_COLUMNS = ["train_key", "eval_key", "record", "grid"]
 PREFIXES = ("train.", "method.", "model.", "data.", "eval.", "metric.", "prov.")
 # Columns that tell replicate runs apart without making them different configurations.
@@ -154,6 +160,7 @@ def record_row(record: dict, identity: dict | None, record_path: str, grid_path:
     for name, (lo, hi) in record.get("intervals", {}).items():  # 95% intervals of one evaluation
         row[f"metric.{name}_lo"], row[f"metric.{name}_hi"] = lo, hi
     row.update({k: record.get(k) for k in TIME_COLUMNS})
+    row.update({k: record.get("flops", {}).get(v) for k, v in FLOP_COLUMNS.items()})
     row.update({f"prov.{k}": _cell(v) for k, v in record.get("provenance", {}).items()})
     row.update({"train_key": record.get("train_key"), "eval_key": record.get("eval_key"),
                 "record": record_path, "grid": grid_path})
@@ -195,7 +202,7 @@ def collect_rows(results_dir: Path) -> list[dict]:
 def _order_columns(df: pd.DataFrame) -> pd.DataFrame:
     first = [c for c in ID_COLUMNS if c in df.columns]
     grouped = [sorted(c for c in df.columns if c.startswith(p)) for p in PREFIXES]
-    ordered = first + [c for g in grouped[:5] for c in g] + grouped[5] + TIME_COLUMNS + grouped[6]
+    ordered = first + [c for g in grouped[:5] for c in g] + grouped[5] + TIME_COLUMNS + list(FLOP_COLUMNS) + grouped[6]
     ordered += [c for c in KEY_COLUMNS if c in df.columns]
     return df[[c for c in ordered if c in df.columns]]
 

@@ -41,6 +41,7 @@ from benchmark import distributed
 from benchmark.backbones import build_backbone
 from benchmark.data import Dataset, load_dataset
 from benchmark.ema import PowerEMA
+from benchmark.flops import train_step_flops
 from benchmark.plan import TrainingJob
 from benchmark.schema import RunConfig, TrainConfig, UserError, method_config
 from benchmark.store import Store, atomic_write_bytes
@@ -352,8 +353,10 @@ def _write_final(store: Store, job: TrainingJob, t: Trainee, curve: list, second
         return
     lines = ["step,loss,lr"] + [f"{s},{loss:.6g},{lr:.6g}" for s, loss, lr in curve]
     atomic_write_bytes(store.run_dir(job.key) / "curve.csv", ("\n".join(lines) + "\n").encode())
+    per_step = train_step_flops(t, job.config.train.batch_size)
+    flops = {"train_per_step": per_step, "train_total": per_step * job.config.train.steps}
     store.write_final_summary(job.key, {"curve": curve, "seconds": seconds, "steps": job.config.train.steps,
-                                        "end_time": time.time()})  # MLflow's real end time
+                                        "flops": flops, "end_time": time.time()})  # MLflow's real end time
     save_state(store.final_path(job.key), {**weights_state(t), "step": job.config.train.steps,
                                            "seconds": seconds, "curve": curve})
 

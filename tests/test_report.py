@@ -238,12 +238,28 @@ def test_a_column_with_one_entry_marks_nothing() -> None:
 
 
 def test_pareto_front_keeps_exactly_the_points_nothing_beats_on_cost_and_quality(built: dict) -> None:
+    """The default cost axis is counted sampling FLOPs (the same on every machine)."""
     points = pd.read_csv(built["out"] / "pareto.csv")
     assert len(points) == 4 and points["front"].any()
+    assert "sampling FLOPs per sample" in (built["out"] / "pareto.md").read_text()
     for _, p in points.iterrows():
-        beaten = ((points["sec_per_sample"] <= p["sec_per_sample"]) & (points["metric.sw2"] <= p["metric.sw2"])
-                  & ((points["sec_per_sample"] < p["sec_per_sample"]) | (points["metric.sw2"] < p["metric.sw2"])))
+        beaten = ((points["sample_flops"] <= p["sample_flops"]) & (points["metric.sw2"] <= p["metric.sw2"])
+                  & ((points["sample_flops"] < p["sample_flops"]) | (points["metric.sw2"] < p["metric.sw2"])))
         assert p["front"] == (not beaten.any())
+
+
+@pytest.mark.parametrize("cost", ["nfe_counted", "train_flops", "sec_per_sample"])
+def test_the_cost_axis_can_be_counted_passes_training_flops_or_seconds(results: Path, tmp_path: Path,
+                                                                       cost: str) -> None:
+    assert report.main([f"results_dir={results}", f"out={tmp_path}", f"cost={cost}", "--no-notebook"]) == 0
+    [table] = report.pareto_tables(read_table(rebuild(results)), cost)
+    assert table.meta["cost"] == cost and cost in pd.read_csv(tmp_path / "pareto.csv").columns
+
+
+def test_an_unknown_cost_axis_is_one_line_and_exit_2(results: Path, tmp_path: Path, capsys) -> None:
+    assert report.main([f"results_dir={results}", f"out={tmp_path}", "cost=dollars", "--no-notebook"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cost=dollars" in err[0] and "sample_flops" in err[0]
 
 
 def test_repeated_seeds_give_the_mean_and_a_student_t_interval_per_cell(results: Path) -> None:
