@@ -31,14 +31,32 @@ from pathlib import Path
 
 from benchmark.schema import UserError
 
-TARGETS = {"fm": 1.0, "shortcut": 1.3, "meanflow": 1.6, "scm": 1.6, "imf": 2.2, "imf-in-context": None,
-           "fm-in-context": None}
-VARIANTS = {"imf-in-context": ("imf", ["model.conditioning_mode=in_context"]),
-            "fm-in-context": ("fm", ["model.conditioning_mode=in_context"])}
-"""Rows that are a method with overrides: iMF's default in-context prefix tokens (36 tokens
-on 8x8 digits against FM's 16) change the architecture; ``imf-adaln`` is iMF on exactly
-Flow Matching's adaLN backbone, ``fm-in-context`` Flow Matching on the in-context one (no
-target: it shows what the backbone alone costs)."""
+VARIANT_SEP = "+"
+"""``<method>+in_context`` measures a method on the in-context backbone (prefix tokens,
+gated blocks) instead of the default adaLN one; without a target (it shows what the
+backbone costs)."""
+
+
+def default_rows() -> list[str]:
+    """Every registered method (so a new method is measured without editing this file),
+    then the in-context variants of Flow Matching and iMF."""
+    from methods.specs import METHOD_NAMES
+
+    return [*METHOD_NAMES, f"fm{VARIANT_SEP}in_context", f"imf{VARIANT_SEP}in_context"]
+
+
+def split_row(row: str) -> tuple[str, list[str]]:
+    """``imf+in_context`` -> ("imf", ["model.conditioning_mode=in_context"])."""
+    name, _, mode = row.partition(VARIANT_SEP)
+    return name, ([f"model.conditioning_mode={mode}"] if mode else [])
+
+
+def target(row: str) -> float | None:
+    """The method's declared step-cost target (its spec); none for a variant row."""
+    from methods.specs import get_spec
+
+    name, extra = split_row(row)
+    return None if extra else get_spec(name).step_cost_target
 
 
 def measure(method: str, model: str, batch: int, steps: int, device: str, threads: int,
@@ -47,12 +65,13 @@ def measure(method: str, model: str, batch: int, steps: int, device: str, thread
     import torch
 
     from benchmark.config import compose_points
+    from benchmark.flops import train_step_flops
     from benchmark.plan import plan_points
     from benchmark.train import _train_step, build_trainee
 
     if threads:
         torch.set_num_threads(threads)
-    name, extra = VARIANTS.get(method, (method, []))
+    name, extra = split_row(method)
     plan = plan_points(compose_points([f"method={name}", f"model={model}", f"train.batch_size={batch}",
                                        f"train.device={device}", *(data or []), *extra]))
     job = plan.trainings[0]
@@ -76,7 +95,7 @@ def measure(method: str, model: str, batch: int, steps: int, device: str, thread
         times.append(time.perf_counter() - tic)
     peak = (torch.cuda.max_memory_allocated() if cuda
             else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024)
-    return {"times": times, "peak_bytes": peak,
+    return {"times": times, "peak_bytes": peak, "flops": train_step_flops(t, tc.batch_size),
             "params": sum(p.numel() for p in t.net.parameters())}
 
 
@@ -88,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--methods", default=",".join(TARGETS))
+    parser.add_argument("--methods", default="", help="comma list of rows (default: every registered method, "
+                        "then fm+in_context,imf+in_context)")
     parser.add_argument("--shape", default="", help="C,H,W: measure on random inputs of this shape")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     parser.add_argument("--_data", default="", help=argparse.SUPPRESS)
@@ -129,9 +149,15 @@ def _random_latents(shape: tuple[int, int, int], folder: Path) -> list[str]:
 
 
 def _run(args, data: list[str]) -> int:
-    methods = args.methods.split(",")
+    methods = args.methods.split(",") if args.methods else default_rows()
+    for row in methods:
+        try:
+            target(row)
+        except KeyError as err:
+            raise UserError(f"--methods {row}: {err.args[0]}") from None
     times: dict[str, list[float]] = {m: [] for m in methods}
     peaks: dict[str, list[int]] = {m: [] for m in methods}
+    flops: dict[str, int] = {}
     params = 0
     for _ in range(args.rounds):
         for m in methods:
@@ -145,21 +171,23 @@ def _run(args, data: list[str]) -> int:
             out = json.loads(proc.stdout.splitlines()[-1])
             times[m] += out["times"]
             peaks[m].append(out["peak_bytes"])
+            flops[m] = out["flops"]
             params = out["params"] if m == "fm" else params
     median = {m: sorted(v)[len(v) // 2] for m, v in times.items()}
     peak = {m: max(v) for m, v in peaks.items()}
     where = f"random {args.shape} inputs" if args.shape else "digits 1x8x8"
     print(f"step cost on {args.device}, {where}, model {args.model} ({params / 1e6:.2f}M params), batch {args.batch}, "
           f"{args.rounds} rounds x {args.steps} steps, medians")
-    print("| method | ms/step | time ratio | target | peak MiB | memory ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| method | ms/step | time ratio | target | GFLOP/step | FLOP ratio | peak MiB | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|")
     for m in methods:
         ratio = median[m] / median["fm"] if "fm" in median else float("nan")
         mem = peak[m] / peak["fm"] if "fm" in peak and peak["fm"] > 0 else float("nan")
-        target = TARGETS.get(m)
-        verdict = "-" if target is None else f"<= {target}x " + ("ok" if ratio <= target else "OVER")
-        print(f"| {m} | {1000 * median[m]:.1f} | {ratio:.2f}x | {verdict} | "
-              f"{peak[m] / 2**20:.1f} | {mem:.2f}x |")
+        flop_ratio = flops[m] / flops["fm"] if "fm" in flops else float("nan")
+        goal = target(m)
+        verdict = "-" if goal is None else f"<= {goal}x " + ("ok" if ratio <= goal else "OVER")
+        print(f"| {m} | {1000 * median[m]:.1f} | {ratio:.2f}x | {verdict} | {flops[m] / 1e9:.2f} | "
+              f"{flop_ratio:.2f}x | {peak[m] / 2**20:.1f} | {mem:.2f}x |")
     return 0
 
 

@@ -1,15 +1,30 @@
-"""The step-cost benchmark measures a real training step of every method (smoke test;
-timings are reported by the script, never asserted)."""
+"""The step-cost benchmark measures a real training step of every registered method
+(timings are reported by the script, never asserted; FLOPs are counted and exact)."""
 
 from __future__ import annotations
 
 import pytest
 
-from benchmark.stepcost import TARGETS, measure
+from benchmark.stepcost import default_rows, main, measure, split_row, target
+from methods.specs import METHOD_NAMES
 
 
-@pytest.mark.parametrize("method", list(TARGETS))
-def test_step_cost_worker_times_a_training_step_of_every_method(method: str) -> None:
-    out = measure(method, "dit-tiny", batch=8, steps=2, device="cpu", threads=1)
+def test_rows_come_from_the_method_registry() -> None:
+    rows = default_rows()
+    assert rows[:len(METHOD_NAMES)] == list(METHOD_NAMES)
+    assert split_row("imf+in_context") == ("imf", ["model.conditioning_mode=in_context"])
+    assert target("fm") == 1.0 and target("imf+in_context") is None
+    assert all(target(m) is not None for m in METHOD_NAMES)  # every method declares its target
+
+
+@pytest.mark.parametrize("row", default_rows())
+def test_step_cost_worker_times_and_counts_a_training_step_of_every_row(row: str) -> None:
+    out = measure(row, "dit-tiny", batch=8, steps=2, device="cpu", threads=1)
     assert len(out["times"]) == 2 and all(t > 0 for t in out["times"])
-    assert out["params"] > 0
+    assert out["params"] > 0 and out["flops"] > 0
+
+
+def test_an_unknown_row_is_one_line_and_exit_2(capsys) -> None:
+    assert main(["--methods", "fm,nosuch"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nosuch" in err[0] and "expected one of" in err[0]

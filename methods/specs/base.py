@@ -79,6 +79,11 @@ class MethodSpec:
     Config: ClassVar[type[MethodConfig]]
     guidance: ClassVar[GuidanceMode] = "eval_cfg"
     guidance_field: ClassVar[str | None] = None
+    step_cost_target: ClassVar[float | None] = None
+    """The training-step time this method should reach, as a multiple of a Flow Matching
+    step on the same backbone and batch (``python -m benchmark.stepcost`` checks it).  Near
+    the physical limit: one JVP-based step is a forward with tangent plus a backward through
+    the primal only, about 4/3 of an FM step."""
     train_defaults: ClassVar[dict] = {}
     """Training-group values this method needs by default (its ``configs/method`` YAML sets
     them; a command-line ``train.*`` override still wins)."""

@@ -19,6 +19,7 @@ class FlowMatchingConfig(MethodConfig):
 class FlowMatchingSpec(MethodSpec):
     name = "fm"
     version = 1
+    step_cost_target = 1.0  # x an FM step; the reference
     Config = FlowMatchingConfig
     guidance = "eval_cfg"
 

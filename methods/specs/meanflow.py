@@ -77,6 +77,7 @@ def check_unit(name: str, value: float) -> None:
 class MeanFlowSpec(MethodSpec):
     name = "meanflow"
     version = 1
+    step_cost_target = 1.35  # x an FM step; forward with tangent + backward: about 4/3
     Config = MeanFlowConfig
     guidance = "train"
     guidance_field = "omega"

@@ -30,6 +30,7 @@ class SCMConfig(MethodConfig):
 class SCMSpec(MethodSpec):
     name = "scm"
     version = 1
+    step_cost_target = 1.35  # x an FM step; forward with tangent + backward: about 4/3
     Config = SCMConfig
     guidance = "none"
 

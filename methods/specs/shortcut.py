@@ -54,6 +54,7 @@ class ShortcutConfig(MethodConfig):
 class ShortcutSpec(MethodSpec):
     name = "shortcut"
     version = 1
+    step_cost_target = 1.25  # x an FM step; a quarter of the batch adds two no-grad teacher passes
     Config = ShortcutConfig
     guidance = "eval_cfg"
 
