@@ -138,6 +138,39 @@ def test_tangent_equals_torch_func_jvp(name: str, direction: str) -> None:
         assert rel_err(got, want) < 1e-10
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernels", "public-ops"])
+@pytest.mark.parametrize("name", NETS)
+def test_float32_tangent_agrees_with_torch_func_jvp(name: str, fused: bool, monkeypatch) -> None:
+    """In float32, as training runs: the fused ATen backward kernels and their public-
+    operator formulas each agree with ``torch.func.jvp`` to float32 rounding."""
+    from benchmark.backbones import tangent
+
+    monkeypatch.setattr(tangent, "FUSED", fused)
+    net = build(name, torch.float32)
+    x, cond, y, dx, dcond = problem(net, torch.float32)
+    _, expected = func_jvp(net, x, cond, y, dx, dcond)
+    _, got = hand_jvp(net, x, cond, y, dx, dcond)
+    for g, want in zip(got, expected, strict=True):
+        assert rel_err(g, want) < 2e-5
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_public_tangent_formulas_equal_the_fused_kernels(approximate: str, monkeypatch) -> None:
+    from benchmark.backbones import tangent
+
+    gen = torch.Generator().manual_seed(3)
+    z, dz = (torch.randn(4, 7, generator=gen, dtype=torch.float64) * 3 for _ in range(2))
+    weights = torch.softmax(torch.randn(2, 5, 5, generator=gen, dtype=torch.float64), -1)
+    d_scores = torch.randn(2, 5, 5, generator=gen, dtype=torch.float64)
+    fused = (tangent.gelu_tangent(z, dz, approximate), tangent.silu_tangent(z, dz),
+             tangent.softmax_tangent(weights, d_scores))
+    monkeypatch.setattr(tangent, "FUSED", False)
+    public = (tangent.gelu_tangent(z, dz, approximate), tangent.silu_tangent(z, dz),
+              tangent.softmax_tangent(weights, d_scores))
+    for a, b in zip(fused, public):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", ["dit-adaln", "mlp"])
 def test_a_slot_left_out_of_the_tangents_has_tangent_zero(name: str) -> None:
     net = build(name)

@@ -11,6 +11,8 @@ Why not ``torch.func.jvp``: it records every tangent op for autograd (the JVP-ba
 methods use the tangent only inside a stop-gradient target) and pays forward-AD dispatch
 on each op; here a tangent op is one plain kernel, often a fused backward kernel
 (``gelu_backward(dz, z) = gelu'(z) dz``, ``_softmax_backward_data(dS, P) = P (dS - <P, dS>)``).
+Those kernels are ATen internals, not public API: each has a public-operator formula
+used when a torch build lacks it (``FUSED = False`` forces it; the tests run both).
 
 Convention: ``x`` is a primal and ``dx`` its tangent, of the same shape.
 """
@@ -27,23 +29,56 @@ from torch import Tensor, nn
 # Tangent-only pieces (call under torch.no_grad())
 
 
+def _aten(name: str):
+    """A fused ATen backward kernel of this torch build, or None.  These are not public
+    API: each tangent below has a formula in public operators that is used when the
+    kernel is missing (or ``FUSED = False``), and the tests check both agree."""
+    try:
+        return getattr(torch.ops.aten, name)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_GELU_BACKWARD, _SILU_BACKWARD = _aten("gelu_backward"), _aten("silu_backward")
+_SOFTMAX_BACKWARD = _aten("_softmax_backward_data")
+FUSED = True
+"""Use the fused kernels where this torch has them (faster; the public formulas agree to
+rounding, tests/test_backbone_jvp.py)."""
+
+
 def activation_tangent(activation: nn.Module, z: Tensor, dz: Tensor) -> Tensor:
     """act'(z) * dz for the elementwise activations the backbones use (SiLU, GELU)."""
     if isinstance(activation, nn.SiLU):
         return silu_tangent(z, dz)
     if isinstance(activation, nn.GELU):
-        return torch.ops.aten.gelu_backward(dz, z, approximate=activation.approximate)
+        return gelu_tangent(z, dz, activation.approximate)
     raise TypeError(f"no tangent rule for activation {type(activation).__name__}")
 
 
+def gelu_tangent(z: Tensor, dz: Tensor, approximate: str = "none") -> Tensor:
+    """gelu'(z) * dz (exact or tanh-approximate GELU)."""
+    if FUSED and _GELU_BACKWARD is not None:
+        return _GELU_BACKWARD(dz, z, approximate=approximate)
+    if approximate == "tanh":
+        k = math.sqrt(2 / math.pi)
+        th = torch.tanh(k * (z + 0.044715 * z**3))
+        return dz * (0.5 * (1 + th) + 0.5 * z * (1 - th * th) * k * (1 + 3 * 0.044715 * z * z))
+    return dz * (0.5 * (1 + torch.erf(z / math.sqrt(2))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi))
+
+
 def silu_tangent(z: Tensor, dz: Tensor) -> Tensor:
-    """silu'(z) * dz, any shape."""
-    return torch.ops.aten.silu_backward(dz, z)
+    """silu'(z) * dz, any shape: silu' = s (1 + z (1 - s)), s = sigmoid(z)."""
+    if FUSED and _SILU_BACKWARD is not None:
+        return _SILU_BACKWARD(dz, z)
+    s = torch.sigmoid(z)
+    return dz * s * (1 + z * (1 - s))
 
 
 def softmax_tangent(weights: Tensor, d_scores: Tensor) -> Tensor:
-    """Tangent of P = softmax(S, -1): dP = P * (dS - sum(P * dS, -1)) (one fused kernel)."""
-    return torch._softmax_backward_data(d_scores, weights, -1, weights.dtype)
+    """Tangent of P = softmax(S, -1): dP = P * (dS - sum(P * dS, -1))."""
+    if FUSED and _SOFTMAX_BACKWARD is not None:
+        return _SOFTMAX_BACKWARD(d_scores, weights, -1, weights.dtype)
+    return weights * (d_scores - (weights * d_scores).sum(-1, keepdim=True))
 
 
 def modulation_tangent(
@@ -106,8 +141,13 @@ def layer_norm_with_tangent(norm: nn.LayerNorm, x: Tensor, dx: Tensor) -> tuple[
     y = (x - mean) * rstd, dy = rstd (dx - mean(dx) - y mean(y dx))."""
     if norm.weight is not None or len(norm.normalized_shape) != 1:
         raise ValueError("layer_norm_with_tangent supports last-dim LayerNorm without affine")
-    # native_layer_norm is what F.layer_norm runs; it also hands back rstd
-    y, _, rstd = torch.native_layer_norm(x, norm.normalized_shape, None, None, norm.eps)
+    if FUSED and hasattr(torch, "native_layer_norm"):
+        # native_layer_norm is what F.layer_norm runs; it also hands back rstd
+        y, _, rstd = torch.native_layer_norm(x, norm.normalized_shape, None, None, norm.eps)
+    else:
+        y = F.layer_norm(x, norm.normalized_shape, None, None, norm.eps)
+        with torch.no_grad():
+            rstd = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + norm.eps)
     with torch.no_grad():
         mean_dx = dx.mean(-1, keepdim=True)
         mean_ydx = (y * dx).mean(-1, keepdim=True)
