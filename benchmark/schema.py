@@ -27,12 +27,13 @@ MAX_SAMPLES = 1_000_000    # generated samples per point; FID-50k is the usual s
 
 def _spec(default: Any, help: str, *, min: float | None = None, max: float | None = None,
           choices: tuple | None = None, semantic: bool = True, nonempty: bool = False,
-          parse: Any = None) -> Any:
+          parse: Any = None, omit_default: bool = False) -> Any:
     """A config field: help text, bounds or choices, whether it changes results
-    (``semantic``), whether an empty string is refused, and an optional ``parse(key, value)``
-    that checks and normalises a value whose type is not a plain one."""
+    (``semantic``), whether an empty string is refused, an optional ``parse(key, value)``
+    that checks and normalises a value whose type is not a plain one, and whether the key
+    leaves it out at its default (``omit_default``: for fields added after results existed)."""
     meta = {"help": help, "min": min, "max": max, "choices": choices, "semantic": semantic,
-            "nonempty": nonempty, "parse": parse}
+            "nonempty": nonempty, "parse": parse, "omit_default": omit_default}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -84,6 +85,14 @@ class TrainConfig:
     budget: str = _spec("", "training budget: empty = steps; flops:<method><steps> or flops:<total FLOPs> "
                             "(resolved to steps per method by FLOP counting)", semantic=False,
                     parse=lambda key, v: _parse_budget(key, v))
+    # Mixed precision: bf16 autocast of the loss (both passes of the JVP methods' forward-mode
+    # pass included); parameters, optimizer, tangent output, targets and loss stay float32.
+    precision: str = _spec("fp32", "training precision: fp32, or bf16 autocast (GPUs with bf16; "
+                                   "runs on the CPU too)", choices=("fp32", "bf16"), omit_default=True)
+    # torch.compile of the loss computation; numerics agree with eager to rounding, so it is
+    # not part of the key.
+    compile: bool = _spec(False, "torch.compile the training loss (see README: faster only on GPU at "
+                                 "scale; compile time is paid once per process)", semantic=False)
     ckpt_every: int = _spec(500, "steps between checkpoints", min=1, semantic=False)
     log_every: int = _spec(50, "steps between curve points", min=1, semantic=False)
     device: str = _spec("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"), semantic=False)
@@ -320,6 +329,15 @@ def method_config(spec: Any, values: dict) -> Any:
 
 
 def semantic_fields(obj: Any) -> dict:
-    """The fields of a group config that change results (drops device, logging, ...)."""
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)
-            if f.metadata.get("semantic", True)}
+    """The fields of a group config that change results (drops device, logging, ...).  A
+    field added after results existed (``keyed_from_default=False`` in its metadata)
+    enters only when set to something other than its default, so older keys still hold."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        if not f.metadata.get("semantic", True):
+            continue
+        value = getattr(obj, f.name)
+        if f.metadata.get("omit_default") and value == f.default:
+            continue
+        out[f.name] = value
+    return out

@@ -3,6 +3,11 @@ Flow Matching's, measured in one run on the same backbone and batch.
 
     python -m benchmark.stepcost [--model dit-tiny] [--batch 128] [--steps 20] [--device cpu]
     python -m benchmark.stepcost --shape 4,32,32 --batch 32     # ImageNet-256 latent shape
+    python -m benchmark.stepcost --precision bf16 --compile      # the GPU configuration
+
+Beside each measured time the table gives the counted training FLOPs per step
+(``benchmark.flops``) and their ratio to Flow Matching's, which is machine-independent;
+``first step s`` is the warm-up step (with ``--compile``: the compilation time).
 
 By default the step trains on the digits default (8x8, 16 patch tokens at patch 2).
 ``--shape C,H,W`` measures at another input shape instead, on random tensors of that
@@ -60,7 +65,7 @@ def target(row: str) -> float | None:
 
 
 def measure(method: str, model: str, batch: int, steps: int, device: str, threads: int,
-            data: list[str] | None = None) -> dict:
+            data: list[str] | None = None, train: list[str] | None = None) -> dict:
     """Time ``steps`` training steps of ``method`` in this process (called in a subprocess)."""
     import torch
 
@@ -73,14 +78,16 @@ def measure(method: str, model: str, batch: int, steps: int, device: str, thread
         torch.set_num_threads(threads)
     name, extra = split_row(method)
     plan = plan_points(compose_points([f"method={name}", f"model={model}", f"train.batch_size={batch}",
-                                       f"train.device={device}", *(data or []), *extra]))
+                                       f"train.device={device}", *(data or []), *extra, *(train or [])]))
     job = plan.trainings[0]
     t = build_trainee(job.config, job.method_name, job.method_train)
     params = list(t.net.parameters()) + list(t.method.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4)
     tc = job.config.train
     step = lambda i: _train_step(t, opt, params, tc, 0, 2000 + i, range(1), tc.batch_size)  # noqa: E731
-    step(0)  # warm-up (allocations, lazy init)
+    tic = time.perf_counter()
+    step(0)  # warm-up (allocations, lazy init, compilation)
+    warmup = time.perf_counter() - tic
     cuda = t.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -95,7 +102,7 @@ def measure(method: str, model: str, batch: int, steps: int, device: str, thread
         times.append(time.perf_counter() - tic)
     peak = (torch.cuda.max_memory_allocated() if cuda
             else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024)
-    return {"times": times, "peak_bytes": peak, "flops": train_step_flops(t, tc.batch_size),
+    return {"times": times, "peak_bytes": peak, "flops": train_step_flops(t, tc.batch_size), "warmup": warmup,
             "params": sum(p.numel() for p in t.net.parameters())}
 
 
@@ -110,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="", help="comma list of rows (default: every registered method, "
                         "then fm+in_context,imf+in_context)")
     parser.add_argument("--shape", default="", help="C,H,W: measure on random inputs of this shape")
+    parser.add_argument("--compile", action="store_true", help="train.compile=true (warm-up time = compile time)")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="train.precision")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     parser.add_argument("--_data", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -117,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         if args._worker:
             data = json.loads(args._data) if args._data else None
             print(json.dumps(measure(args._worker, args.model, args.batch, args.steps, args.device,
-                                     args.threads, data)))
+                                     args.threads, data, train_overrides(args))))
             return 0
         shape = _parse_shape(args.shape) if args.shape else None
         with tempfile.TemporaryDirectory(prefix="stepcost-") as folder:
@@ -125,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def train_overrides(args) -> list[str]:
+    return [f"train.precision={args.precision}"] + (["train.compile=true"] if args.compile else [])
 
 
 def _parse_shape(shape: str) -> tuple[int, int, int]:
@@ -158,12 +171,14 @@ def _run(args, data: list[str]) -> int:
     times: dict[str, list[float]] = {m: [] for m in methods}
     peaks: dict[str, list[int]] = {m: [] for m in methods}
     flops: dict[str, int] = {}
+    warmup: dict[str, float] = {}
     params = 0
     for _ in range(args.rounds):
         for m in methods:
             cmd = [sys.executable, "-m", "benchmark.stepcost", "--_worker", m, "--model", args.model,
                    "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device,
-                   "--threads", str(args.threads), "--_data", json.dumps(data)]
+                   "--threads", str(args.threads), "--_data", json.dumps(data), "--precision", args.precision,
+                   *(["--compile"] if args.compile else [])]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:  # the worker's own one-line error (e.g. a shape the DiT cannot patch)
                 lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
@@ -172,14 +187,15 @@ def _run(args, data: list[str]) -> int:
             times[m] += out["times"]
             peaks[m].append(out["peak_bytes"])
             flops[m] = out["flops"]
+            warmup[m] = max(warmup.get(m, 0.0), out["warmup"])
             params = out["params"] if m == "fm" else params
     median = {m: sorted(v)[len(v) // 2] for m, v in times.items()}
     peak = {m: max(v) for m, v in peaks.items()}
     where = f"random {args.shape} inputs" if args.shape else "digits 1x8x8"
     print(f"step cost on {args.device}, {where}, model {args.model} ({params / 1e6:.2f}M params), batch {args.batch}, "
-          f"{args.rounds} rounds x {args.steps} steps, medians")
-    print("| method | ms/step | time ratio | target | GFLOP/step | FLOP ratio | peak MiB | memory ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"{args.precision}{', compiled' if args.compile else ''}, {args.rounds} rounds x {args.steps} steps, medians")
+    print("| method | ms/step | time ratio | target | GFLOP/step | FLOP ratio | peak MiB | memory ratio | first step s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for m in methods:
         ratio = median[m] / median["fm"] if "fm" in median else float("nan")
         mem = peak[m] / peak["fm"] if "fm" in peak and peak["fm"] > 0 else float("nan")
@@ -187,7 +203,7 @@ def _run(args, data: list[str]) -> int:
         goal = target(m)
         verdict = "-" if goal is None else f"<= {goal}x " + ("ok" if ratio <= goal else "OVER")
         print(f"| {m} | {1000 * median[m]:.1f} | {ratio:.2f}x | {verdict} | {flops[m] / 1e9:.2f} | "
-              f"{flop_ratio:.2f}x | {peak[m] / 2**20:.1f} | {mem:.2f}x |")
+              f"{flop_ratio:.2f}x | {peak[m] / 2**20:.1f} | {mem:.2f}x | {warmup[m]:.1f} |")
     return 0
 
 

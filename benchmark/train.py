@@ -30,7 +30,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +66,16 @@ class Trainee:
     teacher_decay: float | None
     device: torch.device
     eval_nets: dict = field(default_factory=dict)  # reconstructed EMA nets, by (sigma_rel, step)
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the loss)
+    loss_fn: Callable | None = None  # the method's loss, compiled when train.compile is set
+
+    def loss(self, batch: Batch, step: int, generator: torch.Generator) -> torch.Tensor:
+        """The method's scalar training loss, under bf16 autocast when asked (a float32
+        value either way)."""
+        fn = self.loss_fn or self.method.loss
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            loss, _ = fn(self.net, batch, step=step, generator=generator, teacher=self.teacher)
+        return loss.float()
 
 
 # ----------------------------------------------------------------------------------------
@@ -97,7 +107,9 @@ def build_trainee(cfg: RunConfig, method_name: str, method_train: dict) -> Train
     ema = PowerEMA(net, cfg.train.ema_profiles)
     decay = spec.teacher_decay(mcfg)
     teacher = copy.deepcopy(net).requires_grad_(False) if decay is not None else None
-    return Trainee(dataset, method, net, ema, teacher, decay, device)
+    loss_fn = torch.compile(method.loss) if cfg.train.compile else None
+    return Trainee(dataset, method, net, ema, teacher, decay, device, precision=cfg.train.precision,
+                   loss_fn=loss_fn)
 
 
 def step_seed(seed: int, micro_batch: int, step: int) -> int:
@@ -336,9 +348,7 @@ def _micro_batch_loss(t: Trainee, seed: int, m: int, step: int, size: int) -> to
     s = step_seed(seed, m, step)
     data_gen = torch.Generator().manual_seed(s)
     method_gen = torch.Generator(device=t.device).manual_seed(s ^ 0x5DEECE66D)
-    batch = draw_batch(t.dataset, size, data_gen, t.device)
-    loss, _ = t.method.loss(t.net, batch, step=step, generator=method_gen, teacher=t.teacher)
-    return loss
+    return t.loss(draw_batch(t.dataset, size, data_gen, t.device), step, method_gen)
 
 
 def _progress(tc: TrainConfig, start: int, desc: str, show: bool = True):

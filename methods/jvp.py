@@ -52,9 +52,11 @@ def backbone_jvp(
                 return net(x_, c_, y, return_aux=True) if return_aux else net(x_, c_, y)
 
             primal, tangent = torch.func.jvp(fn, (x, *(cond[k] for k in keys)), (x_tangent, *tangents))
+    # under bf16 autocast the passes run in bf16; the tangent returns in the input's dtype
+    # (float32), so the methods' targets are formed in float32
     if return_aux:
-        return primal, (tangent[0].detach(), tangent[1].detach())
-    return primal, tangent.detach()
+        return primal, (tangent[0].detach().to(x.dtype), tangent[1].detach().to(x.dtype))
+    return primal, tangent.detach().to(x.dtype)
 
 
 def _as_tangent(value: Tensor | float, like: Tensor) -> Tensor:
