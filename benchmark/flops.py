@@ -10,7 +10,8 @@ multiply-add counts as 2 FLOPs.
 Counting runs the real computation on the real model, at two small batch sizes, and
 extrapolates linearly to the configured batch (a step's FLOPs are affine in the batch:
 per-sample work plus nothing else; the two points make that exact even where a method
-splits its batch into fixed fractions, because both sizes are multiples of 8).  So a count
+splits its batch into fixed fractions, because both sizes are multiples of 8: Shortcut's
+bootstrap part is 1/8 of the batch).  So a count
 costs two small steps, whatever the configured batch.
 
 Training FLOPs per step enter every training record (``flops.train_per_step``,
@@ -21,9 +22,11 @@ into a step count per method before training (:func:`resolve_budget`).
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections.abc import Callable
+from fractions import Fraction
 
 from benchmark.schema import UserError
 
@@ -237,3 +240,117 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ----------------------------------------------------------------------------------------
+# Estimates before any data exists (paper presets at DiT-XL scale)
+
+STANDIN_SHAPES = {"cifar10": ((3, 32, 32), 10), "mnist": ((1, 28, 28), 10), "latents": ((4, 32, 32), 1000)}
+"""Per-sample shape and classes a dataset on disk is assumed to have when it is not there
+(latents: the SD-VAE latents of 256x256 images, classes from ``data.options.num_classes``)."""
+
+SUSTAINED_FLOPS = 400e12
+"""Training throughput assumed for GPU-hour estimates: 40% of an H100's dense bf16 peak
+(989 TFLOP/s).  ``scripts/gpu_check.sh`` measures what a given GPU sustains."""
+
+
+def _shape_and_classes(cfg) -> tuple[tuple, int] | None:
+    from benchmark.data import load_dataset
+
+    name = cfg.data.name
+    try:
+        ds = load_dataset(name, **cfg.data.options)
+        return tuple(ds.shape), ds.num_classes
+    except (UserError, OSError, FileNotFoundError):
+        if name not in STANDIN_SHAPES:
+            return None
+        shape, classes = STANDIN_SHAPES[name]
+        return shape, int(cfg.data.options.get("num_classes") or classes)
+
+
+def _lagrange(nodes: tuple[int, ...], at: int) -> list[Fraction]:
+    """Weights w_j with p(at) = sum_j w_j p(nodes_j) for every polynomial p of degree
+    < len(nodes)."""
+    out = []
+    for j, xj in enumerate(nodes):
+        w = Fraction(1)
+        for m, xm in enumerate(nodes):
+            if m != j:
+                w *= Fraction(at - xm, xj - xm)
+        out.append(w)
+    return out
+
+
+def estimate_train_flops(cfg, method_name: str, method_train: dict) -> int | None:
+    """Training FLOPs per step of a configuration, counted without training data and
+    without building the full model, exactly.  A DiT step's FLOPs are affine in the batch,
+    affine in its numbers of trunk and head blocks, and quadratic in its patch-token count
+    (attention), so counts on random batches of 8 and 16, DiTs of 1-3 blocks and images of
+    1, 4 and 9 patches extend exactly to the configured batch, depth and image
+    (tests/test_flops.py checks the extension against the real step).  None when the data's
+    shape is unknown (a folder of images not present)."""
+    import torch
+
+    from benchmark.backbones import build_backbone
+    from benchmark.schema import method_config
+    from methods import get_method, get_spec
+    from methods.base import Batch
+
+    found = _shape_and_classes(cfg)
+    if found is None:
+        return None
+    shape, classes = found
+    spec = get_spec(method_name)
+    mcfg = method_config(spec, {**cfg.method, **method_train, "name": method_name})
+    method = get_method(method_name)(mcfg, classes)
+    options = method.backbone_options()
+    aux = int(options.get("aux_depth", 0))
+    dit = cfg.model.backbone == "dit"
+
+    def count(b: int, depth: int, aux_depth: int, side: int | None) -> int:
+        torch.manual_seed(0)
+        opts = {**options, "aux_depth": aux_depth, **({"depth": depth} if dit else {})}
+        x_shape = (shape[0], side, side) if dit else shape
+        net = build_backbone(cfg.model, shape=x_shape, num_classes=classes, slots=method.conditioning, options=opts)
+        teacher = copy.deepcopy(net).requires_grad_(False) if spec.teacher_decay(mcfg) is not None else None
+        gen = torch.Generator().manual_seed(0)
+        batch = Batch(torch.randn(b, *x_shape, generator=gen), torch.randint(0, max(classes, 1), (b,), generator=gen))
+        return count_flops(lambda: method.loss(net, batch, step=0, generator=gen, teacher=teacher)[0].backward())
+
+    # SMALL_BATCHES (8, 16): multiples of every method's batch fractions (Shortcut's 1/8)
+    batch_terms = list(zip(SMALL_BATCHES, _lagrange(SMALL_BATCHES, cfg.train.batch_size)))
+    if not dit:
+        return int(round(sum(w * count(b, 0, aux, None) for b, w in batch_terms)))
+    from benchmark.backbones.dit import DIT_SIZES
+
+    size = DIT_SIZES[cfg.model.name]
+    depth, patch = size["depth"], options.get("patch_size", size["patch_size"])
+    tokens = (shape[1] // patch) * (shape[2] // patch)
+    token_terms = list(zip((1, 2, 3), _lagrange((1, 4, 9), tokens)))  # image sides p, 2p, 3p
+    if aux:  # f = k0 + k_trunk (depth - aux) + k_head aux, from (depth, aux) = (2,1), (3,1), (3,2)
+        depth_terms = [((2, 1), Fraction(3 - depth)), ((3, 1), Fraction(depth - aux - 1)), ((3, 2), Fraction(aux - 1))]
+    else:
+        depth_terms = list(zip(((1, 0), (2, 0)), _lagrange((1, 2), depth)))
+    total = sum(wb * wd * wk * count(b, d, a, k * patch)
+                for b, wb in batch_terms for (d, a), wd in depth_terms for k, wk in token_terms)
+    return int(round(total))
+
+
+_ESTIMATES: dict[str, int | None] = {}
+
+
+def cost_estimate_line(cfg, method_name: str, method_train: dict) -> str:
+    """``training ≈ 2.1e+21 FLOPs (1.8e+15 per step), ≈ 1,460 GPU-hours at 400 TFLOP/s``."""
+    from benchmark.keys import canonical_json
+
+    key = canonical_json({"method": method_name, "fields": method_train, "model": cfg.model.__dict__,
+                          "data": [cfg.data.name, cfg.data.options], "batch": cfg.train.batch_size})
+    if key not in _ESTIMATES:
+        _ESTIMATES[key] = estimate_train_flops(cfg, method_name, method_train)
+    per_step = _ESTIMATES[key]
+    if per_step is None:
+        return "training FLOPs: not estimated (the data's shape is unknown until its files exist)"
+    total = per_step * cfg.train.steps
+    hours = total / SUSTAINED_FLOPS / 3600
+    return (f"training ≈ {total:.2e} FLOPs ({per_step:.2e} per step, counted), ≈ {hours:,.1f} GPU-hours at "
+            f"{SUSTAINED_FLOPS / 1e12:.0f} TFLOP/s sustained (40% of an H100's bf16 peak)")

@@ -108,10 +108,14 @@ def print_plan(plan: Plan, store: Store) -> None:
 
 def cost_lines(job: TrainingJob) -> list[str]:
     """What a training will spend, printed under it by ``--dry-run``: its budget in steps and
-    images seen (the one place a compute estimate for the resolved job belongs)."""
+    images seen, and its counted training FLOPs with the GPU-hours they take
+    (``benchmark.flops.cost_estimate_line``)."""
+    from benchmark.flops import cost_estimate_line  # imports torch: counted on small stand-ins
+
     train = job.config.train
     return [f"budget: {train.steps:,} steps x batch {train.batch_size:,} = "
-            f"{train.steps * train.batch_size:,} training images seen"]
+            f"{train.steps * train.batch_size:,} training images seen",
+            cost_estimate_line(job.config, job.method_name, job.method_train)]
 
 
 def format_table(records: list[dict]) -> str:

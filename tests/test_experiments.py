@@ -34,6 +34,8 @@ def test_preset_dry_run_prints_the_plan_its_budget_and_what_is_missing(name: str
     steps, batch = re.search(r"budget: ([\d,]+) steps x batch ([\d,]+) = ([\d,]+)", out).groups()[:2]
     assert int(steps.replace(",", "")) >= 100000 and int(batch.replace(",", "")) >= 256
     assert "[files not available: provisional key]" in out
+    flops, hours = re.search(r"training ≈ ([\d.e+]+) FLOPs .*≈ ([\d,.]+) GPU-hours", out).groups()
+    assert float(flops) > 1e18 and float(hours.replace(",", "")) > 1  # a GPU-scale run, counted
     assert re.search(r"not available \(a real run stops at the first of these.*\n  - data=", out)
 
 

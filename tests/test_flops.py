@@ -147,3 +147,16 @@ def test_every_record_carries_its_flops(toy_overrides: list[str]) -> None:
 
         assert backfill(str(results)) == 1
         assert json.loads(path.read_text())["flops"] == expected
+
+
+@pytest.mark.parametrize("overrides", [["method=fm"], ["method=shortcut"],
+                                       ["method=imf", "method.v_head=aux", "method.aux_depth=2"],
+                                       ["method=meanflow", "model.conditioning_mode=in_context"]])
+def test_the_estimate_from_small_stand_ins_equals_the_count_of_the_real_step(overrides: list[str]) -> None:
+    """Random batches of 8 and 16 on DiTs of 1-3 blocks, extended to batch 128 and the full
+    depth (and an aux head), give exactly the FLOPs of the real training step."""
+    from benchmark.flops import estimate_train_flops
+
+    job = plan_points(compose_points([*overrides, "train.device=cpu"])).trainings[0]
+    trainee = build_trainee(job.config, job.method_name, job.method_train)
+    assert estimate_train_flops(job.config, job.method_name, job.method_train) == train_step_flops(trainee, 128)

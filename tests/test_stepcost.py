@@ -28,3 +28,18 @@ def test_an_unknown_row_is_one_line_and_exit_2(capsys) -> None:
     assert main(["--methods", "fm,nosuch"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nosuch" in err[0] and "expected one of" in err[0]
+
+
+def test_gpu_check_says_in_one_line_that_it_needs_cuda() -> None:
+    import subprocess
+    from pathlib import Path
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the check would run (scripts/gpu_check.sh)")
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(["bash", str(repo / "scripts" / "gpu_check.sh")], capture_output=True, text=True)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "no CUDA device" in lines[0]
+    compile((repo / "scripts" / "gpu_check.py").read_text(), "gpu_check.py", "exec")  # the GPU side parses
