@@ -1,20 +1,22 @@
 """Comparison tables, plots and the executed report notebook, in one command.
 
     python -m benchmark.report [column=value[,value...] ...] [results_dir=DIR] [out=DIR]
-                               [notebook_dir=DIR] [metric=NAME] [--no-notebook]
+                               [notebook_dir=DIR] [metric=NAME] [cost=AXIS] [--no-notebook] [--publish]
 
 1. rebuilds the long-format table ``results/tables/results.{parquet,csv}`` from the records;
 2. keeps the rows matching every filter (``method=fm,imf data=digits nfe=1,2``; any column
    of the table works: ``train.steps=3000``, ``guidance=1``);
 3. writes the comparison tables as Markdown, CSV, LaTeX and HTML under ``results/report/``:
-   method x NFE per model size, guidance sweeps, model-size scaling, and quality against
-   sampling cost with its Pareto front; mean ± std where seeds repeat, the best cell per
-   column in bold;
+   method x NFE per model size, guidance sweeps, the best guidance scale (chosen on a
+   separate evaluation seed), model-size scaling, and quality against a counted cost with
+   its Pareto front; mean ± a 95% interval on every cell, a best cell bold only where it
+   is resolved from the runner-up;
 4. draws the seaborn plots into ``results/report/plots/``;
 5. executes ``reports/benchmark_report.py`` (a jupytext notebook that reads only the
-   table) into ``reports/benchmark_report.ipynb`` and self-contained ``.html``, and copies
-   the summary tables and plots to ``reports/benchmark_report.md`` and
-   ``reports/benchmark_report_figures/`` for the README.
+   table) into ``results/report/benchmark_report.ipynb`` and a self-contained ``.html``;
+6. with ``--publish`` only, copies the summary tables and plots to the tracked
+   ``reports/benchmark_report.md`` and ``reports/benchmark_report_figures/`` (what the
+   README shows).  Without it nothing outside the results folder is written.
 
 Nothing here is hand-edited: rerun the command after a sweep and everything follows.
 """
@@ -46,7 +48,7 @@ from benchmark.table import (
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_SOURCE = REPO / "reports" / "benchmark_report.py"
 USAGE = ("usage: python -m benchmark.report [column=value[,value...] ...] [results_dir=DIR] [out=DIR] "
-         "[notebook_dir=DIR] [metric=NAME] [cost=AXIS] [--no-notebook] [--help]")
+         "[notebook_dir=DIR] [metric=NAME] [cost=AXIS] [--no-notebook] [--publish] [--help]")
 OPTIONS = ("results_dir", "out", "notebook_dir", "metric", "cost")
 KINDS = {"method_nfe": "Method × NFE", "guidance": "Guidance scale sweeps",
          "best_guidance": "Best guidance scale (chosen on a separate evaluation seed)",
@@ -738,10 +740,11 @@ def execute_notebook(source: Path, target_dir: Path, parameters: dict, cwd: Path
 class Options:
     results_dir: Path = Path("results")
     out: Path | None = None
-    notebook_dir: Path = REPO / "reports"
+    notebook_dir: Path | None = None  # default: out
     metric: str = ""
     cost: str = ""
     notebook: bool = True
+    publish: bool = False  # copy the summary and plots into reports/ (tracked) for the README
     filters: list[str] = field(default_factory=list)
 
 
@@ -749,9 +752,10 @@ def parse_args(argv: list[str]) -> Options:
     opts = Options()
     for arg in argv:
         if arg.startswith("-"):
-            if arg != "--no-notebook":
-                raise UserError(f"unknown flag {arg}; expected --no-notebook or --help")
-            opts.notebook = False
+            if arg not in ("--no-notebook", "--publish"):
+                raise UserError(f"unknown flag {arg}; expected --no-notebook, --publish or --help")
+            opts.notebook = opts.notebook and arg != "--no-notebook"
+            opts.publish = opts.publish or arg == "--publish"
             continue
         key, _, value = arg.partition("=")
         if key in OPTIONS:
@@ -761,6 +765,7 @@ def parse_args(argv: list[str]) -> Options:
         else:
             opts.filters.append(arg)
     opts.out = opts.out or opts.results_dir / "report"
+    opts.notebook_dir = opts.notebook_dir or opts.out
     return opts
 
 
@@ -772,11 +777,13 @@ def help_text() -> str:
         "options:",
         "  results_dir=DIR   where the runs are (default results/)",
         "  out=DIR           where tables and plots go (default <results_dir>/report)",
-        "  notebook_dir=DIR  where the executed notebook and its HTML go (default reports/)",
+        "  notebook_dir=DIR  where the executed notebook and its HTML go (default: out)",
         "  metric=NAME       tabulate only this metric (fd, kid, class_acc, swd, mmd, ...)",
         "  cost=AXIS         the cost axis of the Pareto table and plot: " + ", ".join(COST_AXES),
         "                    (default: sampling FLOPs; measured seconds only when asked)",
-        "  --no-notebook     skip executing reports/benchmark_report.py", "",
+        "  --no-notebook     skip executing reports/benchmark_report.py",
+        "  --publish         also copy the summary and plots to reports/benchmark_report.md and",
+        "                    reports/benchmark_report_figures/ (tracked: what the README shows)", "",
         "example: python -m benchmark.report data=digits method=fm,meanflow,imf"])
 
 
@@ -807,13 +814,15 @@ def run(opts: Options) -> dict:
         params = {"table": str(table_path.resolve()), "filters": filters, "metric": opts.metric,
                   "cost": opts.cost}
         result["notebook"], result["html"] = execute_notebook(NOTEBOOK_SOURCE, Path(opts.notebook_dir), params, REPO)
-        result["published"] = publish(summary, figures, Path(opts.notebook_dir))
+    if opts.publish:
+        result["published"] = publish(summary, figures, REPO / "reports")
     return result
 
 
 def publish(summary: Path, figures: list[Path], target: Path) -> Path:
-    """Copy the summary and its plots beside the notebook (``reports/``), where the README
-    can show them: ``benchmark_report.md`` and ``benchmark_report_figures/*.png``."""
+    """Copy the summary and its plots into ``target`` (``reports/``, tracked), where the
+    README shows them: ``benchmark_report.md`` and ``benchmark_report_figures/*.png``.
+    Only with ``--publish``: a plain report run writes nothing outside the results folder."""
     folder = target / "benchmark_report_figures"
     for path in figures:
         atomic_write_bytes(folder / path.name, path.read_bytes())
@@ -845,8 +854,9 @@ def main(argv: list[str] | None = None) -> int:
           f"(.md .csv .tex .html); summary {result['summary']}")
     print(f"plots: {len(result['plots'])} -> {result['summary'].parent / 'plots'}")
     if "html" in result:
-        print(f"notebook: {result['notebook']}; html: {result['html']}; summary for the README: "
-              f"{result['published']}")
+        print(f"notebook: {result['notebook']}; html: {result['html']}")
+    if "published" in result:
+        print(f"published for the README: {result['published']} and its figures")
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -378,11 +379,38 @@ def test_notebook_runs_headless_into_a_self_contained_html(built: dict, results:
     assert page.count("data:image/png;base64,") >= 4
     value = report.fmt(record_of(results, "fm", 1)["metrics"]["swd"])
     assert value in page
-    # the README's copy: the summary tables with the plots beside the notebook
-    summary = (built["notebooks"] / "benchmark_report.md").read_text()
-    assert value in summary
-    assert "](benchmark_report_figures/sw2_vs_nfe__gaussian1d.png)" in summary
-    assert (built["notebooks"] / "benchmark_report_figures" / "sw2_vs_nfe__gaussian1d.png").is_file()
+    # the README's copy: the summary tables with the plots, written only by --publish
+    summary = (built["out"] / "report.md").read_text()
+    assert value in summary and "](plots/sw2_vs_nfe__gaussian1d.png)" in summary
+    target = built["notebooks"] / "published"
+    summary_path = report.publish(built["out"] / "report.md", sorted((built["out"] / "plots").glob("*.png")), target)
+    published = summary_path.read_text()
+    assert value in published and "](benchmark_report_figures/sw2_vs_nfe__gaussian1d.png)" in published
+    assert (target / "benchmark_report_figures" / "sw2_vs_nfe__gaussian1d.png").is_file()
+
+
+def test_a_report_without_publish_writes_nothing_outside_the_results_folder(results: Path, tmp_path: Path) -> None:
+    """In a clone, ``python -m benchmark.report`` leaves git status clean: the notebook and
+    its HTML go under results/report, and reports/ changes only with --publish."""
+    import subprocess
+
+    repo = Path(report.__file__).resolve().parents[1]
+    clone = tmp_path / "clone"  # a checkout of this working tree's tracked files, committed
+    files = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (repo / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / name, clone / name)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "checkout"]):
+        subprocess.run([*git, *args], cwd=clone, check=True, capture_output=True)
+    shutil.copytree(results / "runs", clone / "results" / "runs")
+    proc = subprocess.run([sys.executable, "-m", "benchmark.report"], cwd=clone, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert (clone / "results" / "report" / "benchmark_report.html").is_file()
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True).stdout
+    assert status == ""
 
 
 def screenshot(target: str, png: Path, *extra: str, size: str = "1400,2000", timeout: int = 90) -> np.ndarray:
