@@ -2,7 +2,7 @@
 
 The JVP methods (MeanFlow, iMF, sCM) call ``torch.func.jvp`` on the bare backbone, which
 does not accept a DDP wrapper, and calling ``model.module`` instead silently skips DDP's
-gradient all-reduce (METHODS.md §6.2).  So the training loop all-reduces gradients itself
+gradient all-reduce (docs/methods.md §6.2).  So the training loop all-reduces gradients itself
 after ``backward()``, as py-meanflow does: every rank ends each step with the same
 gradient, hence the same weights, optimizer state and EMA.
 

@@ -1,4 +1,4 @@
-"""Flow Matching (rectified flow, linear path): the multi-step baseline.  METHODS.md §1.
+"""Flow Matching (rectified flow, linear path): the multi-step baseline.  docs/methods.md §1.
 
 - Path ``z_t = (1 - t) x + t eps`` with ``t = 1`` noise; the network predicts the marginal
   velocity ``v(z, t) = E[eps - x | z_t = z]``; loss ``||v_theta(z_t, t, y) - (eps - x)||^2``

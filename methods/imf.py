@@ -1,4 +1,4 @@
-"""Improved MeanFlow (iMF; Geng, Lu et al., arXiv 2512.02012).  METHODS.md §5; official
+"""Improved MeanFlow (iMF; Geng, Lu et al., arXiv 2512.02012).  docs/methods.md §5; official
 code Lyy-iiis/imeanflow (``imf.py``, ``models/imfDiT.py``).
 
 Convention (the suite's): ``t = 1`` is noise, ``z_t = (1 - t) x + t eps``, ``v = eps - x``.
@@ -22,7 +22,7 @@ Training step (official ``iMeanFlow.forward``):
    ``v_head=boundary``) or from the auxiliary head (``v_head=aux``, released code).  The
    v-calls feed the interval [0, 1] and h = 0, as the official ``v_cond_fn``.
 4. v_g = (eps - x) + (1 - 1/omega')(v_c - v_u), i.e. eps - x outside the interval.
-5. Label drop p = 0.1 on the first Binomial(B, p) samples (METHODS.md §5/§6.11; option
+5. Label drop p = 0.1 on the first Binomial(B, p) samples (docs/methods.md §5/§6.11; option
    ``label_drop_position=random``, which a later revision of the released imf.py uses):
    dropped samples get the null label in the u-call and v_g = eps - x.  v_c keeps the
    original label, as in the official code (the drop comes after the guidance).
@@ -50,7 +50,7 @@ At guidance = 1 the interval is fed as [0, 1] whatever ``interval_min/max`` say:
 guidance the interval has no meaning, and [0, 1] is what the r = t training samples see.
 
 Dropout and RNG: the shared backbones have no dropout; the JVP gives primal and tangent
-from one call (METHODS.md §6.4).
+from one call (docs/methods.md §6.4).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """One forward-mode JVP through a backbone, shared by MeanFlow, iMF and sCM.
 
 A true Jacobian-vector product (forward-mode AD), never the VJP-with-ones trick that
-only holds for elementwise networks (METHODS.md §6.7).  One pass yields the primal output
+only holds for elementwise networks (docs/methods.md §6.7).  One pass yields the primal output
 and its directional derivative; with ``primal_grad=True`` the primal stays on the
 autograd graph so the loss can backpropagate through it without a second full forward.
 

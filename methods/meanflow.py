@@ -1,5 +1,5 @@
 """MeanFlow (Geng et al., arXiv 2505.13447): one-step generation by learning the average
-velocity.  METHODS.md §4; official code Gsunshine/meanflow (JAX, ImageNet) and
+velocity.  docs/methods.md §4; official code Gsunshine/meanflow (JAX, ImageNet) and
 Gsunshine/py-meanflow (PyTorch, CIFAR-10).
 
 Convention (the suite's): ``t = 1`` is noise, ``t = 0`` data, ``z_t = (1 - t) x + t eps``,
@@ -23,7 +23,7 @@ Training step (official ImageNet code):
    ``t: 1, h: 1``, gives u (on the autograd graph) and du/dt (detached) in one pass.
 5. u_tgt = stopgrad(v_g - clip(t - r, 0, 1) du/dt); per-sample D = sum over dims of
    (u - u_tgt)^2; loss = mean_batch D / stopgrad((D + c)^p), p = 1, c = 0.01 (ImageNet;
-   CIFAR p = 0.75, c = 1e-3; toys p = 0, METHODS.md §10).
+   CIFAR p = 0.75, c = 1e-3; toys p = 0, docs/methods.md §10).
 
 Sampling: uniform grid t_i = 1 - i/N, z <- z - (t_i - t_{i+1}) u(z, t_i, h = t_i - t_{i+1}),
 one pass per step, any N >= 1.  No CFG at sampling: guidance is baked in at training, so
@@ -32,7 +32,7 @@ training field ``omega``).
 
 Dropout and RNG: the shared backbones have no dropout, and the single JVP pass yields
 primal and tangent from the same call, so they see identical randomness by construction
-(METHODS.md §6.4).  The guidance forwards use the online network, as the official code.
+(docs/methods.md §6.4).  The guidance forwards use the online network, as the official code.
 
 The helpers shared with iMF live here: the (t, r) sampler, the ordered label drop, the
 adaptive weight and the average-velocity sampler.

@@ -1,4 +1,4 @@
-"""sCM: continuous-time consistency training (sCT) in TrigFlow.  METHODS.md §3.
+"""sCM: continuous-time consistency training (sCT) in TrigFlow.  docs/methods.md §3.
 
 Lu & Song, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models"
 (arXiv 2410.11081); loss as in xandergos/sCM-mnist ``train_consistency.py`` and NVlabs/rcm.
@@ -15,7 +15,7 @@ TrigFlow, native to this module (the suite's ``t = 1`` noise convention is conve
   ``parameterization=fm``: the backbone is a suite-convention velocity net ``v(z_s, s)``,
   s in [0, 1] with s = 1 noise, in sigma_d units, and
   ``F = (cos t - sin t) z_s + v / (sin t + cos t)`` with ``z_s = x_t / (sigma_d (sin t + cos t))``,
-  ``s = sin t / (sin t + cos t)`` (the verified conversion of METHODS.md §3), so sCM can
+  ``s = sin t / (sin t + cos t)`` (the verified conversion of docs/methods.md §3), so sCM can
   start from or share an FM-convention network.
 
 Training step (sCT), per sample:
@@ -33,7 +33,7 @@ Training step (sCT), per sample:
 - ``g = -cos^2 t (sigma_d F^- - dx_t/dt) - r (cos t sin t x_t + sigma_d J)``, which is
   ``cos t df/dt`` along the conditional path at r = 1; ``r = min(1, step / H)`` is the
   tangent warmup.  ``rcm_warmup`` uses NVlabs/rcm's form, ``-cos t sqrt(1 - r^2 sin^2 t)
-  (sigma_d F^- - dx_t/dt)`` for the first term (equal at r = 1).  METHODS.md words this as
+  (sigma_d F^- - dx_t/dt)`` for the first term (equal at r = 1).  docs/methods.md words this as
   "multiplied by" the root; rcm's code replaces one cos t factor, which we follow.
 - Tangent normalisation ``g <- g / (||g|| + c)``, c = 0.1, computed in float64 (rCM).
   ``tangent_norm=l2`` (default): the paper's and rCM's plain norm over all non-batch dims.

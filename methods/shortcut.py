@@ -1,4 +1,4 @@
-"""Shortcut models (Frans et al., arXiv 2410.12557).  METHODS.md §2.
+"""Shortcut models (Frans et al., arXiv 2410.12557).  docs/methods.md §2.
 
 Follows the official JAX code (kvfrans/shortcut-models ``targets_shortcut.py``,
 ``helper_inference.py``); the deliberate differences are listed at the end.

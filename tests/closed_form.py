@@ -1,4 +1,4 @@
-"""Closed-form fields for Gaussian data x ~ N(mu, s^2) per dimension (METHODS.md §7).
+"""Closed-form fields for Gaussian data x ~ N(mu, s^2) per dimension (docs/methods.md §7).
 
 Each function works elementwise on tensors and is written in the convention it names.
 Suite convention (FM, MeanFlow, iMF): z_t = (1 - t) x + t eps, t = 1 is noise.

@@ -1,4 +1,4 @@
-"""Flow Matching against closed forms (METHODS.md §1, §7)."""
+"""Flow Matching against closed forms (docs/methods.md §1, §7)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Specification of improved MeanFlow (methods/imf.py), checked against the closed-form fields
-of Gaussian data (METHODS.md §5, §7).  Convention: t = 1 is noise, z_t = (1 - t) x + t eps."""
+of Gaussian data (docs/methods.md §5, §7).  Convention: t = 1 is noise, z_t = (1 - t) x + t eps."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Specification of MeanFlow (methods/meanflow.py), checked against the closed-form fields of
-Gaussian data (METHODS.md §7).  Convention: t = 1 is noise, z_t = (1 - t) x + t eps."""
+Gaussian data (docs/methods.md §7).  Convention: t = 1 is noise, z_t = (1 - t) x + t eps."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def z_scores(residual: Tensor, z: Tensor) -> tuple[float, float]:
 
 def train_on_gaussian(method: Method, *, steps: int, batch: int, width: int = 64,
                       seed: int = 0) -> MLPBackbone:
-    """Adam 3e-3 with cosine decay (METHODS.md §10) on unconditional 1-D N(MU, S^2)."""
+    """Adam 3e-3 with cosine decay (docs/methods.md §10) on unconditional 1-D N(MU, S^2)."""
     torch.manual_seed(seed)
     opts = {k: v for k, v in method.backbone_options().items() if k != "conditioning_mode"}
     net = MLPBackbone(shape=(1,), num_classes=0, slots=method.conditioning, width=width,

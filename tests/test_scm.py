@@ -1,6 +1,6 @@
 """Specification of sCM / sCT in TrigFlow (methods/scm.py, methods/specs/scm.py).
 
-Closed forms (tests/closed_form.py, METHODS.md §7) for Gaussian data x0 ~ N(MU, S^2):
+Closed forms (tests/closed_form.py, docs/methods.md §7) for Gaussian data x0 ~ N(MU, S^2):
 TrigFlow t = pi/2 is noise, x_t = cos t x0 + sin t z, z ~ N(0, SIGMA_D^2).
 """
 

@@ -1,7 +1,7 @@
 """Specification of the Shortcut plug-in (methods/shortcut.py, methods/specs/shortcut.py).
 
 Native convention throughout (t = 0 noise, t = 1 data), as the module uses it.  Closed
-forms from tests/closed_form.py for Gaussian data x ~ N(1.3, 0.4^2) (METHODS.md §7).
+forms from tests/closed_form.py for Gaussian data x ~ N(1.3, 0.4^2) (docs/methods.md §7).
 Shortcut takes no JVP, so there is no JVP-vs-finite-difference check here.
 """
 
@@ -374,7 +374,7 @@ def test_analytic_field_maps_noise_to_data_exactly_at_every_nfe():
 
 
 def train_tiny(method: Shortcut, steps: int, batch: int, ema_decay: float = 0.99) -> nn.Module:
-    """Adam 3e-3 with cosine decay; the test keeps its own EMA (0.99, METHODS.md §10) and
+    """Adam 3e-3 with cosine decay; the test keeps its own EMA (0.99, docs/methods.md §10) and
     hands it to the loss as the bootstrap teacher."""
     net = tiny_mlp()
     ema = copy.deepcopy(net).requires_grad_(False)

@@ -3,11 +3,11 @@
 Follows facebookresearch/DiT ``models.py`` (patchify, fixed 2-D sin-cos positions,
 transformer blocks, final layer, unpatchify) with three changes the benchmark needs:
 
-- scalar conditions are embedded raw (t in [0, 1], no x1000; METHODS.md §6.6) and there
+- scalar conditions are embedded raw (t in [0, 1], no x1000; docs/methods.md §6.6) and there
   may be several of them (``slots``: t, r, h, d, omega, t_min, t_max);
 - ``conditioning_mode="in_context"`` replaces adaLN by iMF-style prefix tokens;
 - attention is an explicit softmax by default, because the fused CPU/GPU SDPA kernels
-  have no forward-mode AD for ``torch.func.jvp`` (METHODS.md §6.1);
+  have no forward-mode AD for ``torch.func.jvp`` (docs/methods.md §6.1);
 - ``DiT.jvp`` is a hand-written forward-mode pass (``benchmark/backbones/tangent.py``)
   that MeanFlow/iMF/sCM use through ``methods.jvp.backbone_jvp``: the primal is the
   ``forward`` output on the autograd graph, the tangent is computed beside it layer by

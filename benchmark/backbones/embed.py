@@ -1,6 +1,6 @@
 """Embedders shared by every backbone: scalar conditions and class labels.
 
-Time-like scalars are embedded raw (t in [0, 1], no x1000 scaling; METHODS.md §6.6): with
+Time-like scalars are embedded raw (t in [0, 1], no x1000 scaling; docs/methods.md §6.6): with
 a large scale the derivative of the network in t, which the JVP-based methods (MeanFlow,
 iMF, sCM) differentiate through, grows by the same factor.
 """

@@ -5,7 +5,7 @@ itself, not from sinusoids (``embed.ScalarEmbedder``, kind ``linear``); Shortcut
 step level keeps the sinusoids.  Conditioning modulates rather than concatenates: every hidden layer's pre-activation is
 scaled and shifted by a projection of the condition embedding (FiLM, the adaLN idea).  A
 plain MLP fed (z, t, r) as extra inputs learns the z * a(t) structure of the exact fields
-far too slowly for MeanFlow/iMF (METHODS.md §10).
+far too slowly for MeanFlow/iMF (docs/methods.md §10).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from methods.specs.base import MethodConfig, MethodSpec, eval_field, train_field
 @dataclass(frozen=True)
 class FlowMatchingConfig(MethodConfig):
     time_sampler: str = train_field("logit_normal", "uniform | logit_normal (MF's sampler, for a fair comparison)")
-    time_mean: float = train_field(-0.4, "logit-normal mean (MeanFlow's default, METHODS.md §1)")
+    time_mean: float = train_field(-0.4, "logit-normal mean (MeanFlow's default, docs/methods.md §1)")
     time_std: float = train_field(1.0, "logit-normal std")
     label_dropout: float = train_field(0.1, "per-sample probability of the null label (CFG training)")
     solver: str = eval_field("euler", "euler (one pass per step) | heun (two passes per step but the last)")

@@ -1,6 +1,6 @@
 """Improved MeanFlow (iMF) declarations (torch-free).  Implementation: methods/imf.py.
 
-Defaults follow the official Lyy-iiis/imeanflow training code (METHODS.md §5): (t, r)
+Defaults follow the official Lyy-iiis/imeanflow training code (docs/methods.md §5): (t, r)
 logit-normal(-0.4, 1.0), sorted, r = t for the first 50%; omega log-uniform on [1, 8]; CFG
 interval t_min ~ U[0, 0.5], t_max ~ U[0.5, 1] ([0, 1] where r = t); adaptive weight
 p = 1, c = 0.01; label drop 0.1 on the first samples; unconditional v at omega = 1.

@@ -1,13 +1,13 @@
 """MeanFlow declarations (torch-free).  Implementation: methods/meanflow.py.
 
-Defaults are the official ImageNet settings of Gsunshine/meanflow (METHODS.md §4):
+Defaults are the official ImageNet settings of Gsunshine/meanflow (docs/methods.md §4):
 (t, r) both logit-normal(-0.4, 1.0), sorted, r = t for the first 75% of the batch;
 adaptive weight p = 1, c = 0.01 on the per-sample sum of squares; label drop 0.1 on the
 first samples of the batch.  CIFAR-10 (py-meanflow) differs: 75% r != t chosen by a
 random mask (``ratio_r_neq_t=0.75 r_neq_t_selection=random``), p = 0.75, c = 1e-3, and in
 its ``v1`` sampler t ~ logit-normal(-0.6, 1.6), r ~ logit-normal(-4.0, 1.6) paired by
 clamping (``r_time_mean=-4.0 r_time_std=1.6 tr_pairing=clamp``).  Toy runs should use
-``adaptive_p=0`` (METHODS.md §10: p = 1 biases low-dimensional models).
+``adaptive_p=0`` (docs/methods.md §10: p = 1 biases low-dimensional models).
 
 Guidance is baked in at training time: the top-level ``guidance`` axis becomes ``omega``
 (one checkpoint per value) and sampling costs one pass per step whatever the guidance.

@@ -1,5 +1,5 @@
 """sCM (continuous-time consistency training, sCT in TrigFlow) declarations (torch-free).
-Implementation and the choices behind each default: methods/scm.py.  METHODS.md §3."""
+Implementation and the choices behind each default: methods/scm.py.  docs/methods.md §3."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from methods.specs.base import MethodConfig, MethodSpec, eval_field, train_field
 @dataclass(frozen=True)
 class SCMConfig(MethodConfig):
     sigma_d: float = train_field(0.5, "TrigFlow data std sigma_d: x_t = cos t x0 + sin t z, z ~ N(0, sigma_d^2)")
-    parameterization: str = train_field("trigflow", "trigflow (net is F(x_t/sigma_d, t), slot t = TrigFlow t in [0, pi/2]) | fm (net is an FM velocity, converted to F; METHODS.md §3)")
+    parameterization: str = train_field("trigflow", "trigflow (net is F(x_t/sigma_d, t), slot t = TrigFlow t in [0, pi/2]) | fm (net is an FM velocity, converted to F; docs/methods.md §3)")
     time_mean: float = train_field(-1.0, "P_mean: tau ~ N(P_mean, P_std^2), t = arctan(e^tau / sigma_d) (CIFAR-10 sCT)")
     time_std: float = train_field(1.4, "P_std (CIFAR-10 sCT)")
     tangent_warmup_steps: int = train_field(1000, "H: warmup r = min(1, step / H); paper 10k, 1000 fits the few-thousand-step embedded budget; 0 = no warmup")

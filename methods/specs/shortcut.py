@@ -1,6 +1,6 @@
 """Shortcut model declarations (torch-free).  Implementation: methods/shortcut.py.
 
-Defaults are the official kvfrans/shortcut-models ImageNet/CelebA settings (METHODS.md §2)
+Defaults are the official kvfrans/shortcut-models ImageNet/CelebA settings (docs/methods.md §2)
 except ``bootstrap_cfg_scale`` (1.0 = off; the official ImageNet run used 1.5) and the decay
 of the bootstrap teacher, ``teacher_decay`` = 0.99 instead of the official 0.999
 (``target_update_rate``): the self-consistency targets come from that teacher, and at 0.999
