@@ -144,7 +144,25 @@ def format_table(records: list[dict]) -> str:
                        f"{_fmt(have[0]['metrics'][floor], have[0].get('intervals', {}).get(floor))}")
     if any(r.get("intervals") for r in records):
         out.append("± : half-width of the 95% bootstrap interval of each evaluation (sampling noise)")
+    out += chance_warnings(records)
     return "\n".join(out)
+
+
+CHANCE_CLASSES = {"digits": 10}
+"""Datasets whose ``class_acc`` has a known chance level (1 / classes)."""
+
+
+def chance_warnings(records: list[dict]) -> list[str]:
+    """A line for every evaluation whose class accuracy cannot be told from chance (its 95%
+    interval holds 1/K): its samples ignore their labels, whatever its FD says."""
+    lines = []
+    for r in records:
+        k, lo_hi = CHANCE_CLASSES.get(r["data"]), r.get("intervals", {}).get("class_acc")
+        if k and lo_hi and lo_hi[0] <= 1 / k <= lo_hi[1]:
+            lines.append(f"warning: {r['method']} nfe={r['nfe']} ema={r.get('ema', '-')}: class accuracy "
+                         f"{r['metrics']['class_acc']:.3f} is at chance (1/{k}): its samples ignore their "
+                         f"labels; train longer (train.steps={r.get('train_steps')})")
+    return lines
 
 
 def _fmt(v, interval=None) -> str:

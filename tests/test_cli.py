@@ -87,3 +87,15 @@ def test_free_form_mappings_take_new_keys_without_a_plus() -> None:
     assert toy.config.data.options == {"mean": 3, "std": 0.4}
     unknown = run_cli("launcher.nosuch.x=1", "--dry-run")  # other groups stay strict
     assert unknown.returncode == 2 and "launcher.nosuch" in unknown.stderr
+
+
+def test_a_class_accuracy_at_chance_is_warned_about_and_a_learned_one_is_not() -> None:
+    from benchmark.run import chance_warnings
+
+    def record(acc: float, lo: float, hi: float) -> dict:
+        return {"method": "fm", "nfe": 1, "ema": 0.1, "data": "digits", "train_steps": 300,
+                "metrics": {"class_acc": acc}, "intervals": {"class_acc": [lo, hi]}}
+
+    [line] = chance_warnings([record(0.11, 0.09, 0.13), record(0.98, 0.97, 0.99)])
+    assert line.startswith("warning: fm nfe=1") and "at chance (1/10)" in line and "train.steps=300" in line
+    assert chance_warnings([{**record(0.11, 0.09, 0.13), "data": "gaussian1d"}]) == []
