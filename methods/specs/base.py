@@ -7,7 +7,7 @@ how the top-level ``guidance`` axis reaches the method, which NFE values it can 
 how many backbone passes one sample costs.  The planner imports only specs, so a dry run
 of a large sweep never imports torch.
 
-Conventions (one for the whole suite, see DESIGN.md): ``t = 1`` is noise, ``t = 0`` data;
+Conventions (one for the whole suite, see the README and docs/methods.md §0): ``t = 1`` is noise, ``t = 0`` data;
 ``guidance = 1`` means no guidance; NFE is counted backbone passes per sample.
 """
 
