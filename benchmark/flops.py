@@ -23,12 +23,10 @@ into a step count per method before training (:func:`resolve_budget`).
 from __future__ import annotations
 
 import copy
-import math
-import re
 from collections.abc import Callable
 from fractions import Fraction
 
-from benchmark.schema import UserError
+from benchmark.schema import UserError, parse_budget
 
 SMALL_BATCHES = (8, 16)
 """The two batch sizes a count runs at (extrapolated to the configured batch)."""
@@ -53,15 +51,22 @@ def _extrapolate(count_at: Callable[[int], int], batch: int) -> int:
 
 
 def train_step_flops(trainee, batch_size: int) -> int:
-    """FLOPs of one training step of ``trainee`` (loss forward with any tangent pass, and
-    backward) at ``batch_size``.  Gradients it leaves are cleared."""
-    from benchmark.train import _micro_batch_loss
+    """FLOPs of one training step of ``trainee`` (a ``benchmark.train.Trainee``: loss
+    forward with any tangent pass, and backward) at ``batch_size``, on the first training
+    examples (FLOPs do not depend on the values).  Gradients it leaves are cleared."""
+    import torch
+
+    from methods.base import Batch
 
     params = list(trainee.net.parameters()) + list(trainee.method.parameters())
+    ds = trainee.dataset
 
     def count_at(b: int) -> int:
+        idx = torch.arange(b) % ds.train_x.shape[0]
+        batch = Batch(ds.train_x[idx].to(trainee.device), ds.train_y[idx].to(trainee.device))
+        gen = torch.Generator(device=trainee.device).manual_seed(0)
         try:
-            return count_flops(lambda: _micro_batch_loss(trainee, 0, 0, 0, b).backward())
+            return count_flops(lambda: trainee.loss(batch, 0, gen).backward())
         finally:
             for p in params:
                 p.grad = None
@@ -90,48 +95,15 @@ def sample_flops_per_sample(method, net, shape: tuple, num_classes: int, nfe: in
 # ----------------------------------------------------------------------------------------
 # Budgets
 
-BUDGET_GRAMMAR = ("train.budget= (empty: train.steps), flops:<method><steps> (as many training FLOPs as "
-                  "<steps> steps of <method> on the same model, data and batch, e.g. flops:fm3000) or "
-                  "flops:<number> (total training FLOPs, e.g. flops:1.5e15)")
-_BUDGET = re.compile(r"^flops:(?:(?P<method>[a-z][a-z0-9_-]*?)(?P<steps>[0-9]+)|(?P<total>[0-9.]+(?:e[+]?[0-9]+)?))$")
-
-
-def parse_budget(text: str) -> tuple[str | None, float]:
-    """``flops:fm3000`` -> ("fm", 3000); ``flops:1.5e15`` -> (None, 1.5e15)."""
-    match = _BUDGET.match(text.strip().lower())
-    if not match:
-        raise UserError(f"train.budget={text!r} is not a budget; expected {BUDGET_GRAMMAR}")
-    if match["total"]:
-        total = float(match["total"])
-        if not math.isfinite(total) or total <= 0:
-            raise UserError(f"train.budget={text!r} is not a positive number of FLOPs; expected {BUDGET_GRAMMAR}")
-        return None, total
-    steps = int(match["steps"])
-    if steps < 1:
-        raise UserError(f"train.budget={text!r} asks for {steps} steps; expected at least 1")
-    return match["method"], float(steps)
-
-
-_PER_STEP: dict[str, int] = {}
-
-
 def per_step_flops(cfg, method_name: str, method_train: dict) -> int:
-    """Training FLOPs per step of ``method_name`` (its training fields ``method_train``) at
-    ``cfg``'s model, data and batch; memoised per process."""
-    from benchmark.keys import canonical_json
-
-    key = canonical_json({"method": method_name, "fields": method_train, "model": cfg.model.__dict__,
-                          "data": [cfg.data.name, cfg.data.options], "batch": cfg.train.batch_size,
-                          "micro": cfg.train.micro_batches})
-    if key not in _PER_STEP:
-        import dataclasses
-
-        from benchmark.train import build_trainee
-
-        counting = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device="cpu"))
-        trainee = build_trainee(counting, method_name, method_train)
-        _PER_STEP[key] = train_step_flops(trainee, cfg.train.batch_size)
-    return _PER_STEP[key]
+    """Training FLOPs per step of ``method_name`` (training fields ``method_train``) at
+    ``cfg``'s model, data and batch (:func:`estimate_train_flops`, exact; memoised)."""
+    per_step = _estimate(cfg, method_name, method_train)
+    if per_step is None:
+        raise UserError(f"train.budget={cfg.train.budget!r} needs the FLOPs of {method_name} on data={cfg.data.name}, "
+                        f"whose sample shape is unknown until its files exist; expected data.root to hold them, "
+                        f"or give train.steps instead")
+    return per_step
 
 
 def resolve_budget(cfg, method_name: str, method_train: dict, reference_train: Callable[[str], dict]) -> int:
@@ -175,8 +147,15 @@ def config_from_identity(identity: dict):
     """A RunConfig that builds the same trainee as the training ``identity`` (config.json)."""
     import dataclasses
 
-    from benchmark.schema import DataConfig, EvalConfig, LauncherConfig, ModelConfig, RunConfig, TrainConfig
-    from benchmark.schema import TrackingConfig
+    from benchmark.schema import (
+        DataConfig,
+        EvalConfig,
+        LauncherConfig,
+        ModelConfig,
+        RunConfig,
+        TrackingConfig,
+        TrainConfig,
+    )
 
     def known(cls, values: dict) -> dict:
         names = {f.name for f in dataclasses.fields(cls)}
@@ -193,12 +172,13 @@ def config_from_identity(identity: dict):
 
 def backfill(results_dir: str) -> int:
     """Add the ``flops`` field to every evaluation record of ``results_dir`` that lacks it
-    (records written before FLOP accounting), rewriting each atomically; returns how many."""
+    (records written before FLOP accounting), rewriting each atomically; returns how many.
+    Counted like :func:`estimate_train_flops`, on a freshly built network (FLOPs do not
+    depend on the weights)."""
     import json
     from pathlib import Path
 
     from benchmark.store import atomic_write_json
-    from benchmark.train import build_trainee
 
     done = 0
     for config in sorted(Path(results_dir).glob("runs/*/config.json")):
@@ -207,12 +187,17 @@ def backfill(results_dir: str) -> int:
             continue
         identity = json.loads(config.read_text())["identity"]
         cfg = config_from_identity(identity)
-        trainee = build_trainee(cfg, identity["method"]["name"], {k: v for k, v in identity["method"].items()
-                                                                  if k not in ("name", "version")})
+        name = identity["method"]["name"]
+        fields = {k: v for k, v in identity["method"].items() if k not in ("name", "version")}
+        per_step = per_step_flops(cfg, name, fields)
+        shape, classes = _shape_and_classes(cfg)
+        method, net = _method_and_net(cfg, name, fields, shape, classes)
         for path in paths:
             record = json.loads(path.read_text())
-            record["flops"] = evaluation_flops(trainee, record["train_key"], cfg.train, record["nfe"],
-                                               record["identity"]["guidance"], record.get("method_eval", {}))
+            sample = sample_flops_per_sample(method, net, shape, classes, record["nfe"], record["identity"]["guidance"],
+                                             record.get("method_eval", {}), "cpu")
+            record["flops"] = {"train_per_step": per_step, "train_total": per_step * cfg.train.steps,
+                               "sample_per_sample": sample}
             atomic_write_json(path, record)
             done += 1
     return done
@@ -268,6 +253,25 @@ def _shape_and_classes(cfg) -> tuple[tuple, int] | None:
         return shape, int(cfg.data.options.get("num_classes") or classes)
 
 
+def _method_and_net(cfg, method_name: str, method_train: dict, shape: tuple, classes: int,
+                    options: dict | None = None, build: bool = True):
+    """(the method, a freshly built backbone for it at ``shape`` with ``options`` over the
+    method's own backbone options), as training builds them; ``build=False``: no net."""
+    import torch
+
+    from benchmark.backbones import build_backbone
+    from benchmark.schema import method_config
+    from methods import get_method, get_spec
+
+    mcfg = method_config(get_spec(method_name), {**cfg.method, **method_train, "name": method_name})
+    method = get_method(method_name)(mcfg, classes)
+    if not build:
+        return method, None
+    torch.manual_seed(0)
+    return method, build_backbone(cfg.model, shape=shape, num_classes=classes, slots=method.conditioning,
+                                  options={**method.backbone_options(), **(options or {})})
+
+
 def _lagrange(nodes: tuple[int, ...], at: int) -> list[Fraction]:
     """Weights w_j with p(at) = sum_j w_j p(nodes_j) for every polynomial p of degree
     < len(nodes)."""
@@ -291,28 +295,23 @@ def estimate_train_flops(cfg, method_name: str, method_train: dict) -> int | Non
     shape is unknown (a folder of images not present)."""
     import torch
 
-    from benchmark.backbones import build_backbone
-    from benchmark.schema import method_config
-    from methods import get_method, get_spec
     from methods.base import Batch
 
     found = _shape_and_classes(cfg)
     if found is None:
         return None
     shape, classes = found
-    spec = get_spec(method_name)
-    mcfg = method_config(spec, {**cfg.method, **method_train, "name": method_name})
-    method = get_method(method_name)(mcfg, classes)
+    method, _ = _method_and_net(cfg, method_name, method_train, shape, classes, build=False)
     options = method.backbone_options()
     aux = int(options.get("aux_depth", 0))
     dit = cfg.model.backbone == "dit"
+    has_teacher = method.spec.teacher_decay(method.cfg) is not None
 
     def count(b: int, depth: int, aux_depth: int, side: int | None) -> int:
-        torch.manual_seed(0)
-        opts = {**options, "aux_depth": aux_depth, **({"depth": depth} if dit else {})}
         x_shape = (shape[0], side, side) if dit else shape
-        net = build_backbone(cfg.model, shape=x_shape, num_classes=classes, slots=method.conditioning, options=opts)
-        teacher = copy.deepcopy(net).requires_grad_(False) if spec.teacher_decay(mcfg) is not None else None
+        _, net = _method_and_net(cfg, method_name, method_train, x_shape, classes,
+                                 {"aux_depth": aux_depth, **({"depth": depth} if dit else {})})
+        teacher = copy.deepcopy(net).requires_grad_(False) if has_teacher else None
         gen = torch.Generator().manual_seed(0)
         batch = Batch(torch.randn(b, *x_shape, generator=gen), torch.randint(0, max(classes, 1), (b,), generator=gen))
         return count_flops(lambda: method.loss(net, batch, step=0, generator=gen, teacher=teacher)[0].backward())
@@ -339,15 +338,20 @@ def estimate_train_flops(cfg, method_name: str, method_train: dict) -> int | Non
 _ESTIMATES: dict[str, int | None] = {}
 
 
-def cost_estimate_line(cfg, method_name: str, method_train: dict) -> str:
-    """``training ≈ 2.1e+21 FLOPs (1.8e+15 per step), ≈ 1,460 GPU-hours at 400 TFLOP/s``."""
+def _estimate(cfg, method_name: str, method_train: dict) -> int | None:
+    """:func:`estimate_train_flops`, memoised per process and configuration."""
     from benchmark.keys import canonical_json
 
     key = canonical_json({"method": method_name, "fields": method_train, "model": cfg.model.__dict__,
                           "data": [cfg.data.name, cfg.data.options], "batch": cfg.train.batch_size})
     if key not in _ESTIMATES:
         _ESTIMATES[key] = estimate_train_flops(cfg, method_name, method_train)
-    per_step = _ESTIMATES[key]
+    return _ESTIMATES[key]
+
+
+def cost_estimate_line(cfg, method_name: str, method_train: dict) -> str:
+    """``training ≈ 2.1e+21 FLOPs (1.8e+15 per step), ≈ 1,460 GPU-hours at 400 TFLOP/s``."""
+    per_step = _estimate(cfg, method_name, method_train)
     if per_step is None:
         return "training FLOPs: not estimated (the data's shape is unknown until its files exist)"
     total = per_step * cfg.train.steps

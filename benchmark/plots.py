@@ -28,7 +28,7 @@ from matplotlib.ticker import (  # noqa: E402
     ScalarFormatter,
 )
 
-from benchmark.report import (  # noqa: E402
+from benchmark.compare import (  # noqa: E402
     aggregate,
     at_unit_guidance,
     cost_axis,

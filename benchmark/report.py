@@ -32,10 +32,22 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmark.schema import EvalConfig, UserError
+from benchmark.compare import (
+    COST_AXES,
+    REPORTED_EVAL_SEED,
+    _short,
+    _size_key,
+    aggregate,
+    at_unit_guidance,
+    cost_axis,
+    method_rank,
+    model_order,
+    pareto_front,
+    reported_rows,
+)
+from benchmark.schema import UserError
 from benchmark.store import atomic_write_bytes
 from benchmark.table import (
-    COST_AXES,
     FLOORS,
     config_columns,
     metric_info,
@@ -53,8 +65,6 @@ OPTIONS = ("results_dir", "out", "notebook_dir", "metric", "cost")
 KINDS = {"method_nfe": "Method × NFE", "guidance": "Guidance scale sweeps",
          "best_guidance": "Best guidance scale (chosen on a separate evaluation seed)",
          "model_size": "Model-size scaling", "pareto": "Quality vs. sampling cost (Pareto front)"}
-# Torch-free size order for the model-size axis when records carry no parameter count.
-MODEL_ORDER = ("mlp", "dit-tiny", "dit-small-cpu", "dit-s", "dit-b", "dit-l", "dit-xl")
 
 
 # ----------------------------------------------------------------------------------------
@@ -111,85 +121,6 @@ def select(df: pd.DataFrame, filters: dict[str, list[str]]) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------------------
 # Labels and aggregation over seeds
-
-
-def method_rank(name: str) -> tuple[int, str]:
-    from methods.specs import METHOD_NAMES
-
-    return (METHOD_NAMES.index(name) if name in METHOD_NAMES else len(METHOD_NAMES), name)
-
-
-def model_order(df: pd.DataFrame) -> list[str]:
-    """Models from small to large: by recorded parameter count, else by the size registry."""
-    models = list(df["model"].dropna().unique())
-    if "model.params" in df.columns and df["model.params"].notna().all():
-        params = df.groupby("model")["model.params"].mean()
-        return sorted(models, key=lambda m: params[m])
-    return sorted(models, key=lambda m: (MODEL_ORDER.index(m) if m in MODEL_ORDER else len(MODEL_ORDER), m))
-
-
-def _size_key(df: pd.DataFrame, group: tuple) -> tuple:
-    """Sort key of a (data, model, ...) group: data by name, then model from small to large."""
-    order = model_order(df[df["data"] == group[0]])
-    return (group[0], order.index(group[1]) if group[1] in order else len(order), *map(str, group[2:]))
-
-
-def _short(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def variant_labels(df: pd.DataFrame, axes: set[str]) -> pd.Series:
-    """``method`` plus every setting that varies within that method, except the axes.
-
-    Two rows share a label exactly when they differ only in the axes (and seeds).
-    """
-    skip = axes | {"method", "nfe_counted"}
-    labels = pd.Series("", index=df.index, dtype=object)
-    for method, rows in df.groupby("method", sort=False):
-        prefixes = tuple(a for a in axes if a.endswith("."))  # "model." drops every model.* column
-        varying = [c for c in config_columns(rows) if c not in skip and not (prefixes and c.startswith(prefixes))
-                   and rows[c].astype(str).nunique(dropna=False) > 1]
-        for i, row in rows.iterrows():
-            extra = ", ".join(f"{c}={_short(row[c])}" for c in varying)
-            labels[i] = f"{method} ({extra})" if extra else str(method)
-    return labels
-
-
-def _key_text(value) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
-
-
-def aggregate(df: pd.DataFrame, values: list[str], axes: set[str]) -> pd.DataFrame:
-    """One row per configuration (seeds pooled): its settings, ``label`` (see
-    :func:`variant_labels`), the first sample grid, the count ``n`` and per value: its mean,
-    ``<v>.std``, the per-seed values ``<v>.values`` and a 95% interval ``<v>.lo``/``<v>.hi``.
-
-    The interval is Student's t over the seeds where a configuration was run with ``n > 1``
-    seeds (mean +- t_{0.975, n-1} std / sqrt(n)); with one seed it is that evaluation's own
-    bootstrap interval (``metric.<name>_lo/_hi`` in the record), which measures only the
-    sampling noise of the metric."""
-    from scipy import stats
-
-    keys = config_columns(df)
-    values = [v for v in values if v in df.columns]
-    # a text key per configuration: NaN-holding settings group reliably as text
-    config = pd.Series(["\x1f".join(map(_key_text, row)) for row in df[keys].itertuples(index=False)],
-                       index=df.index)
-    groups = df.assign(label=variant_labels(df, axes), _config=config).groupby("_config", sort=False)
-    out = pd.concat([groups[keys + ["label", "grid"]].first(), groups[values].mean(),
-                     groups[values].std(ddof=1).add_suffix(".std"), groups.size().rename("n")],
-                    axis=1).reset_index(drop=True)
-    lists = groups[values].agg(list).reset_index(drop=True)
-    firsts = groups.first().reset_index(drop=True)
-    for v in values:
-        out[f"{v}.values"] = lists[v]
-        half = stats.t.ppf(0.975, (out["n"] - 1).clip(lower=1)) * out[f"{v}.std"] / out["n"] ** 0.5
-        lo = firsts[f"{v}_lo"] if f"{v}_lo" in firsts else pd.Series(math.nan, index=out.index)
-        hi = firsts[f"{v}_hi"] if f"{v}_hi" in firsts else pd.Series(math.nan, index=out.index)
-        seeds = out["n"] > 1
-        out[f"{v}.lo"] = (out[v] - half).where(seeds, lo)
-        out[f"{v}.hi"] = (out[v] + half).where(seeds, hi)
-    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -386,25 +317,6 @@ def _sorted_rows(agg: pd.DataFrame, extra: list[str]) -> pd.DataFrame:
     return agg.assign(_rank=keys).sort_values(["_rank", "label", *extra], kind="stable").drop(columns="_rank")
 
 
-def reported_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows at the reported evaluation seed; other evaluation seeds only choose guidance
-    (:func:`best_guidance`).  Everything when the selection holds one evaluation seed."""
-    if "eval.seed" not in df.columns or df["eval.seed"].nunique() < 2:
-        return df
-    reported = df[df["eval.seed"].astype(float) == REPORTED_EVAL_SEED]
-    return reported if not reported.empty else df
-
-
-def at_unit_guidance(df: pd.DataFrame) -> pd.DataFrame:
-    """Where the selection sweeps evaluation guidance, the Method × NFE tables read every
-    method at omega = 1 (the curves are in the guidance tables, the chosen omega in the
-    best-guidance table); a selection at a single guidance keeps it."""
-    if "guidance" not in df.columns or df["guidance"].nunique() < 2:
-        return df
-    unit = df[df["guidance"].astype(float) == 1.0]
-    return unit if not unit.empty else df
-
-
 def method_nfe_tables(df: pd.DataFrame, metrics: list[str]) -> list[Table]:
     """One table per (data, model, metric): a row per method variant, a column per NFE."""
     tables = []
@@ -466,7 +378,6 @@ def axis_tables(df: pd.DataFrame, metrics: list[str], axis: str, kind: str) -> l
 # The reported evaluation seed is the suite's default (``EvalConfig.seed``); every other
 # evaluation seed present is a selection seed.
 
-REPORTED_EVAL_SEED = EvalConfig().seed
 
 
 def best_guidance(df: pd.DataFrame, metric: str, lower_is_better: bool) -> pd.DataFrame:
@@ -525,33 +436,6 @@ def best_guidance_tables(df: pd.DataFrame) -> list[Table]:
                             [[False] * len(header) for _ in rows], best.drop(columns="selection_seeds"), note,
                             {"data": data, "model": model, "metric": metric}))
     return tables
-
-
-def pareto_front(cost: pd.Series, quality: pd.Series, lower_is_better: bool) -> pd.Series:
-    """True for points no other point beats on both cost and quality (ties kept)."""
-    q = quality if lower_is_better else -quality
-    front = []
-    for i in cost.index:
-        dominated = ((cost <= cost[i]) & (q <= q[i]) & ((cost < cost[i]) | (q < q[i]))).any()
-        front.append(not dominated and not (math.isnan(cost[i]) or math.isnan(q[i])))
-    return pd.Series(front, index=cost.index)
-
-
-def cost_axis(df: pd.DataFrame, wanted: str = "") -> str:
-    """The cost column quality is put against: ``wanted`` (one of ``COST_AXES``), else the
-    first counted axis every row holds (sampling FLOPs; counted passes for records written
-    before FLOP accounting: ``python -m benchmark.flops`` adds them)."""
-    if wanted:
-        if wanted not in COST_AXES:
-            raise UserError(f"cost={wanted} is not a cost axis; expected one of {', '.join(COST_AXES)}")
-        if wanted not in df.columns or df[wanted].isna().all():
-            raise UserError(f"cost={wanted}: the selected records do not hold it; run python -m benchmark.flops "
-                            f"to count FLOPs of older records, or choose cost=nfe_counted")
-        return wanted
-    for axis in COST_AXES:
-        if axis in df.columns and df[axis].notna().all():
-            return axis
-    return "sec_per_sample"
 
 
 def _cost_text(value: float, axis: str) -> str:

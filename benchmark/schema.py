@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -165,11 +166,31 @@ def _parse_profiles(key: str, value: Any) -> list[float]:
     return sorted(profiles)
 
 
+BUDGET_GRAMMAR = ("train.budget= (empty: train.steps), flops:<method><steps> (as many training FLOPs as "
+                  "<steps> steps of <method> on the same model, data and batch, e.g. flops:fm3000) or "
+                  "flops:<number> (total training FLOPs, e.g. flops:1.5e15)")
+_BUDGET = re.compile(r"^flops:(?:(?P<method>[a-z][a-z0-9_-]*?)(?P<steps>[0-9]+)|(?P<total>[0-9.]+(?:e[+]?[0-9]+)?))$")
+
+
+def parse_budget(text: str) -> tuple[str | None, float]:
+    """``flops:fm3000`` -> ("fm", 3000); ``flops:1.5e15`` -> (None, 1.5e15)."""
+    match = _BUDGET.match(text.strip().lower())
+    if not match:
+        raise UserError(f"train.budget={text!r} is not a budget; expected {BUDGET_GRAMMAR}")
+    if match["total"]:
+        total = float(match["total"])
+        if not math.isfinite(total) or total <= 0:
+            raise UserError(f"train.budget={text!r} is not a positive number of FLOPs; expected {BUDGET_GRAMMAR}")
+        return None, total
+    steps = int(match["steps"])
+    if steps < 1:
+        raise UserError(f"train.budget={text!r} asks for {steps} steps; expected at least 1")
+    return match["method"], float(steps)
+
+
 def _parse_budget(key: str, value: Any) -> str:
     if value in ("", None):
         return ""
-    from benchmark.flops import parse_budget  # torch-free
-
     parse_budget(str(value))
     return str(value).strip().lower()
 
