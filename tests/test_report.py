@@ -440,3 +440,22 @@ def test_report_html_opens_in_headless_chromium_showing_the_table_and_the_plot(b
     assert pixels.std() > 20
     assert dark > 5_000, "no text rendered"
     assert colourful(pixels) > 1_000, "no plot rendered (no coloured lines or markers)"
+
+
+def test_a_readme_block_is_regenerated_between_its_markers_and_only_there(built: dict, results: Path,
+                                                                          tmp_path: Path) -> None:
+    table = read_table(rebuild(results))
+    tables = report.comparisons(table)
+    text = report.readme_block(tables, [], "python -m benchmark.report data=gaussian1d")
+    assert "python -m benchmark.report data=gaussian1d" in text and "| method | NFE 1 | NFE 2 |" in text
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- report:headline begin -->\nold table\n<!-- report:headline end -->\noutro\n")
+    report.update_readme(readme, "headline", text)
+    content = readme.read_text()
+    assert content.startswith("intro\n<!-- report:headline begin -->\n") and content.endswith(
+        "<!-- report:headline end -->\noutro\n")
+    assert "old table" not in content and text in content
+    report.update_readme(readme, "headline", text)  # idempotent
+    assert readme.read_text() == content
+    with pytest.raises(report.UserError, match="report:other begin"):
+        report.update_readme(readme, "other", text)
