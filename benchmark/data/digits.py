@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from benchmark.data import Dataset, fingerprint_dataset
+from benchmark.data.base import Dataset, fingerprint_dataset
 
 DIGITS_SHAPE = (1, 8, 8)
 DIGITS_NUM_CLASSES = 10

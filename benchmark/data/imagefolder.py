@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from benchmark.catalog import check_data_root, data_root_error
-from benchmark.data import Dataset, fingerprint_dataset
+from benchmark.data.base import Dataset, fingerprint_dataset
 from benchmark.schema import UserError
 
 RECIPE_VERSION = 1  # bump when resizing, cropping or scaling change

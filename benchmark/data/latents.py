@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from benchmark.catalog import check_data_root, data_root_error
-from benchmark.data import Dataset, fingerprint_dataset
+from benchmark.data.base import Dataset, fingerprint_dataset
 from benchmark.data.vae import sd_vae_decoder
 from benchmark.schema import UserError
 from benchmark.vae_weights import VAE_DECODERS

@@ -27,7 +27,7 @@ from functools import partial
 
 import torch
 
-from benchmark.data import Dataset, fingerprint_dataset
+from benchmark.data.base import Dataset, fingerprint_dataset
 
 TOY_RECIPE_VERSION = 1  # bump when any sampler below changes
 TOY_NUM_TRAIN = 20_000
