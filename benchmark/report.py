@@ -252,9 +252,9 @@ def resolution_words(cells: pd.DataFrame, best: pd.DataFrame, col_name: str) -> 
             open_.append(f"{col_name} {_short(col)}")
     words = []
     if resolved:
-        words.append("resolved leads: " + "; ".join(resolved))
+        words.append("Resolved leads: " + "; ".join(resolved))
     if open_:
-        words.append("not resolved (the leader is within noise of the runner-up): " + ", ".join(open_))
+        words.append("Not resolved (the leader is within noise of the runner-up): " + ", ".join(open_))
     return ". ".join(words)
 
 
@@ -303,7 +303,7 @@ def pivot_table(agg: pd.DataFrame, metric: str, row: str, col: str, cols: list, 
                             if isinstance(x := grid.at[label, c], dict)])
     note = interval_note(agg, metric)
     if metric_info(metric).lower_is_better is not None and (words := resolution_words(grid, best, col_name)):
-        note = f"{note}. {words[0].upper()}{words[1:]}."
+        note = f"{note}. {words}."
     return Table(kind, title, header, rows, bold, numbers, note, {"metric": metric})
 
 
