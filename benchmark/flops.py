@@ -223,9 +223,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
 
 # ----------------------------------------------------------------------------------------
 # Estimates before any data exists (paper presets at DiT-XL scale)
@@ -358,3 +355,7 @@ def cost_estimate_line(cfg, method_name: str, method_train: dict) -> str:
     hours = total / SUSTAINED_FLOPS / 3600
     return (f"training ≈ {total:.2e} FLOPs ({per_step:.2e} per step, counted), ≈ {hours:,.1f} GPU-hours at "
             f"{SUSTAINED_FLOPS / 1e12:.0f} TFLOP/s sustained (40% of an H100's bf16 peak)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

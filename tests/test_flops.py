@@ -147,6 +147,18 @@ def test_every_record_carries_its_flops(toy_overrides: list[str]) -> None:
 
         assert backfill(str(results)) == 1
         assert json.loads(path.read_text())["flops"] == expected
+    # the command a user runs
+    import subprocess
+    import sys
+
+    path = next(results.glob("runs/*/evals/*.json"))
+    record = json.loads(path.read_text())
+    expected = record.pop("flops")
+    path.write_text(json.dumps(record))
+    proc = subprocess.run([sys.executable, "-m", "benchmark.flops", f"results_dir={results}"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "added FLOP counts to 1 evaluation record" in proc.stdout, proc.stderr
+    assert json.loads(path.read_text())["flops"] == expected
 
 
 @pytest.mark.parametrize("overrides", [["method=fm"], ["method=shortcut"],
