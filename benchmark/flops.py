@@ -352,8 +352,9 @@ def cost_estimate_line(cfg, method_name: str, method_train: dict) -> str:
     if per_step is None:
         return "training FLOPs: not estimated (the data's shape is unknown until its files exist)"
     total = per_step * cfg.train.steps
-    hours = total / SUSTAINED_FLOPS / 3600
-    return (f"training ≈ {total:.2e} FLOPs ({per_step:.2e} per step, counted), ≈ {hours:,.1f} GPU-hours at "
+    seconds = total / SUSTAINED_FLOPS
+    spent = f"{seconds / 3600:,.1f} GPU-hours" if seconds >= 360 else f"{seconds:.2g} GPU-seconds"
+    return (f"training ≈ {total:.2e} FLOPs ({per_step:.2e} per step, counted), ≈ {spent} at "
             f"{SUSTAINED_FLOPS / 1e12:.0f} TFLOP/s sustained (40% of an H100's bf16 peak)")
 
 
