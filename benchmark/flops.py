@@ -66,7 +66,11 @@ def train_step_flops(trainee, batch_size: int) -> int:
         batch = Batch(ds.train_x[idx].to(trainee.device), ds.train_y[idx].to(trainee.device))
         gen = torch.Generator(device=trainee.device).manual_seed(0)
         try:
-            return count_flops(lambda: trainee.loss(batch, 0, gen).backward())
+            # the eager loss: a compiled one would recompile at these batch sizes, and its
+            # fused kernels are not what FlopCounterMode counts
+            loss = lambda: trainee.method.loss(trainee.net, batch, step=0, generator=gen,  # noqa: E731
+                                               teacher=trainee.teacher)[0]
+            return count_flops(lambda: loss().backward())
         finally:
             for p in params:
                 p.grad = None
