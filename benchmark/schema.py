@@ -92,8 +92,8 @@ class TrainConfig:
                                    "runs on the CPU too)", choices=("fp32", "bf16"), omit_default=True)
     # torch.compile of the loss computation; numerics agree with eager to rounding, so it is
     # not part of the key.
-    compile: bool = _spec(False, "torch.compile the training loss (see README: faster only on GPU at "
-                                 "scale; compile time is paid once per process)", semantic=False)
+    compile: bool = _spec(False, "torch.compile the training loss (compile time is paid once per process; see "
+                                 "README)", semantic=False)
     ckpt_every: int = _spec(500, "steps between checkpoints", min=1, semantic=False)
     log_every: int = _spec(50, "steps between curve points", min=1, semantic=False)
     device: str = _spec("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"), semantic=False)

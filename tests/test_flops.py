@@ -172,3 +172,15 @@ def test_the_estimate_from_small_stand_ins_equals_the_count_of_the_real_step(ove
     job = plan_points(compose_points([*overrides, "train.device=cpu"])).trainings[0]
     trainee = build_trainee(job.config, job.method_name, job.method_train)
     assert estimate_train_flops(job.config, job.method_name, job.method_train) == train_step_flops(trainee, 128)
+
+
+def test_the_backfill_command_refuses_a_folder_without_runs_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "benchmark.flops", f"results_dir={tmp_path}"], capture_output=True,
+                          text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "no runs/ folder" in lines[0]
+    assert subprocess.run([sys.executable, "-m", "benchmark.flops", "--help"], capture_output=True,
+                          timeout=120).returncode == 0
