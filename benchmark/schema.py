@@ -20,6 +20,11 @@ class UserError(Exception):
     """A mistake in what the user asked for: printed as one line, exit code 2."""
 
 
+class Failure(RuntimeError):
+    """The work ran and failed for a reason its message states (e.g. a diverged training):
+    printed as one line, exit code 1."""
+
+
 # Sizes past these are mistakes, refused while planning rather than failing after training:
 MAX_SEED = 2**32 - 1       # seeds also seed numpy, whose seeds are 32-bit
 MAX_NFE = 10_000           # sampling steps; published few-step to many-step samplers use <= 1000

@@ -43,13 +43,13 @@ from benchmark.data import Dataset, load_dataset
 from benchmark.ema import PowerEMA
 from benchmark.flops import train_step_flops
 from benchmark.plan import TrainingJob
-from benchmark.schema import RunConfig, TrainConfig, UserError, method_config
+from benchmark.schema import Failure, RunConfig, TrainConfig, UserError, method_config
 from benchmark.store import Store, atomic_write_bytes
 from methods import get_method, get_spec
 from methods.base import Batch, Method
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(Failure):
     """The loss became NaN or inf; the message names the step."""
 
 
