@@ -1,8 +1,9 @@
 """Compose configs with Hydra's compose API and expand Hydra sweep overrides.
 
 ``python -m benchmark.run method=imf nfe=1,2`` takes Hydra's override grammar; any sweep
-form (``a,b``, ``choice(a,b)``, ``range(1,4)``) is a sweep without ``--multirun``: this
-module expands the cartesian product and composes one config per point.  Torch-free.
+form (``a,b``, ``choice(a,b)``, ``range(1,4)``, ``glob(*)`` over a group's files) is a sweep
+without ``--multirun``: this module expands the cartesian product and composes one config
+per point.  A key given twice and ``interval()`` (continuous) are refused.  Torch-free.
 """
 
 from __future__ import annotations
@@ -14,7 +15,20 @@ from pathlib import Path
 
 from benchmark.schema import RunConfig, UserError, build_run_config
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+def _config_dir() -> Path:
+    """The configs: installed from a wheel they are package data (``benchmark/configs``,
+    copied from the top-level ``configs/`` by setup.py); in a checkout or an editable
+    install, the top-level ``configs/`` itself (the source of truth, no copy to go stale)."""
+    from importlib.resources import files
+
+    packaged = files("benchmark") / "configs"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parents[1] / "configs"
+
+
+CONFIG_DIR = _config_dir()
 GROUPS = ("method", "model", "data", "train", "eval", "launcher", "experiment")
 
 
@@ -41,17 +55,57 @@ def expand_overrides(overrides: list[str]) -> list[tuple[str, ...]]:
     except OverrideParseException as err:
         bad = str(err).splitlines()[0]
         raise UserError(f"{bad}; expected key=value or key=a,b,c (Hydra override grammar)") from None
+    _check_once(parsed)
     axes: list[list[str]] = []
     for override in parsed:
         key = override.get_key_element()
         if override.is_sweep_override():
-            values = [f"{key}={v}" for v in override.sweep_string_iterator()]
+            values = [f"{key}={v}" for v in _sweep_values(override)]
             if not values:
                 raise UserError(f"{override.input_line} is an empty sweep; give at least one value")
             axes.append(values)
         else:
             axes.append([override.input_line])
     return [tuple(point) for point in itertools.product(*axes)]
+
+
+def _check_once(parsed: list) -> None:
+    """A key given twice is refused: Hydra would silently keep the last value."""
+    seen: dict[str, str] = {}
+    for override in parsed:
+        key = override_key(override.input_line)
+        if key in seen:
+            values = ",".join(o.split("=", 1)[1] for o in (seen[key], override.input_line))
+            raise UserError(f"{key} is given twice ({seen[key]} and {override.input_line}); expected it once: "
+                            f"{key}={values} sweeps both values")
+        seen[key] = override.input_line
+
+
+def _sweep_values(override) -> list[str]:
+    """The values of a sweep: a comma list, choice(), range(), shuffle()/sort() of them,
+    or glob() over a config group's files; interval() (continuous) is refused."""
+    from hydra.core.override_parser.types import Glob, IntervalSweep
+
+    key, value = override_key(override.input_line), override.value()
+    if isinstance(value, IntervalSweep):
+        raise UserError(f"{override.input_line}: interval() is a continuous range, which a sweep cannot list; "
+                        f"expected a list ({key}=a,b,c), choice(a,b) or range(start,stop,step); "
+                        f"python -m benchmark.tune searches intervals")
+    if isinstance(value, Glob):
+        if key not in GROUPS:
+            raise UserError(f"{override.input_line}: glob() picks among a config group's files and {key} is not "
+                            f"a group; expected a group ({', '.join(GROUPS)}) or a list {key}=a,b,c")
+        names = value.filter(group_choices(key))
+        if not names:
+            raise UserError(f"{override.input_line} matches no {key}; expected a pattern matching some of: "
+                            f"{', '.join(group_choices(key))}")
+        return names
+    try:
+        return list(override.sweep_string_iterator())
+    except Exception as err:  # noqa: BLE001 - e.g. range(1,3,step=0): Hydra's own reason, one line
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{override.input_line} is not a sweep that lists values ({reason}); expected "
+                        f"a list {key}=a,b,c, choice(a,b) or range(start,stop,step)") from None
 
 
 def override_key(override: str) -> str:
