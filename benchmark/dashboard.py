@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmark import guard
-from benchmark.schema import UserError
+from benchmark.cli import entry
+from benchmark.schema import Failure, UserError
 from benchmark.store import Store
 
 USAGE = "usage: python -m benchmark.dashboard [--port N] [--host 127.0.0.1] [results_dir=DIR] [--help]"
@@ -146,21 +147,16 @@ def store_problem(store: Store) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if "--help" in argv or "-h" in argv:
-        print(USAGE + "\n\n" + (__doc__ or "").strip())
-        return 0
-    try:
-        opts = parse_args(argv)
-        command, url = prepare(opts)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return entry(_main, argv, USAGE + "\n\n" + (__doc__ or "").strip())
+
+
+def _main(argv: list[str]) -> int:
+    opts = parse_args(argv)
+    command, url = prepare(opts)
     store = Store(opts.results_dir)
     problem = store_problem(store)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
+        raise Failure(problem)
     print(f"MLflow UI: {url}  (store {store.mlflow_uri()}; Ctrl-C stops it)")
     page = runs_page(store.root / "mlflow.db")
     if page:

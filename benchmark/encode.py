@@ -364,20 +364,14 @@ def encode(data: dict, config: EncodeConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if "--help" in argv or "-h" in argv:
-        print(help_text())
+    from benchmark.cli import entry
+
+    def body(argv: list[str]) -> int:
+        encode(*parse_args(argv))
         return 0
-    try:
-        data, config = parse_args(argv)
-        encode(data, config)
-        return 0
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume (finished shards are kept)", file=sys.stderr)
-        return 130
+
+    return entry(body, argv, help_text, interrupted="interrupted: rerun the same command to resume "
+                 "(finished shards are kept)")
 
 
 if __name__ == "__main__":

@@ -209,32 +209,25 @@ def backfill(results_dir: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m benchmark.flops [results_dir=DIR]``: backfill FLOP fields of old records."""
-    import sys
-
-    argv = sys.argv[1:] if argv is None else argv
-    results_dir = "results"
-    if "--help" in argv or "-h" in argv:
-        print("usage: python -m benchmark.flops [results_dir=DIR]\n\nAdd counted FLOPs to the evaluation records "
-              "under DIR (default results/) written before FLOP accounting.")
-        return 0
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key != "results_dir" or not value:
-            print(f"error: unknown argument {arg!r}; expected results_dir=DIR", file=sys.stderr)
-            return 2
-        results_dir = value
     from pathlib import Path
 
-    if not Path(results_dir, "runs").is_dir():
-        print(f"error: results_dir={results_dir} holds no runs/ folder; expected the results folder of "
-              f"benchmark.run (default results/)", file=sys.stderr)
-        return 2
-    try:
+    from benchmark.cli import entry
+
+    def body(argv: list[str]) -> int:
+        results_dir = "results"
+        for arg in argv:
+            key, _, value = arg.partition("=")
+            if key != "results_dir" or not value:
+                raise UserError(f"unknown argument {arg!r}; expected results_dir=DIR")
+            results_dir = value
+        if not Path(results_dir, "runs").is_dir():
+            raise UserError(f"results_dir={results_dir} holds no runs/ folder; expected the results folder of "
+                            f"benchmark.run (default results/)")
         print(f"added FLOP counts to {backfill(results_dir)} evaluation record(s) under {results_dir}")
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return entry(body, argv, "usage: python -m benchmark.flops [results_dir=DIR]\n\nAdd counted FLOPs to the "
+                 "evaluation records under DIR (default results/) written before FLOP accounting.")
 
 
 

@@ -9,6 +9,7 @@ guidance value a method takes at training time (MeanFlow's omega) becomes a trai
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -20,7 +21,7 @@ from benchmark.catalog import (
     data_files_fingerprint,
     dataset_info,
 )
-from benchmark.config import Point
+from benchmark.config import Point, group_choices
 from benchmark.keys import canonical_json, short_hash
 from benchmark.metrics.inception import extractor_weights_identity
 from benchmark.metrics.reference_batch import check_reference_batch
@@ -191,7 +192,21 @@ def plan_points(points: list[Point], dry_run: bool = False) -> Plan:
     if errors and (len(methods) == 1 or not plan.evaluations):
         raise UserError(errors[0])
     plan.skipped = list(dict.fromkeys(errors))
+    if any(job.config.launcher.name == "slurm" for job in plan.trainings):
+        _available(plan, _check_slurm)
     return plan
+
+
+SLURM_COMMANDS = ("sbatch", "squeue")
+"""What launcher=slurm runs (through submitit): without them nothing could be submitted."""
+
+
+def _check_slurm() -> None:
+    missing = [cmd for cmd in SLURM_COMMANDS if shutil.which(cmd) is None]
+    if missing:
+        raise UserError(f"launcher=slurm needs SLURM's {' and '.join(missing)} on PATH and this machine has "
+                        f"none; expected a SLURM login node, or launcher=local (parallel processes here) or "
+                        f"launcher=inline")
 
 
 def _plan_point(point: Point, plan: Plan, notified: set) -> tuple[TrainingJob, EvalJob]:
@@ -205,6 +220,7 @@ def _plan_point(point: Point, plan: Plan, notified: set) -> tuple[TrainingJob, E
     train_fields, eval_fields = mcfg.split()
     data = dataset_info(cfg.data.name)
     _check_backbone(cfg, data.kind)
+    _check_aux_head(cfg, mcfg)
     if cfg.eval.num_samples is None:  # the dataset's default, resolved here so keys carry the number
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, num_samples=data.eval_samples))
     guidance = cfg.guidance
@@ -264,7 +280,31 @@ def _training_guidance(cfg: RunConfig, spec: Any, configured: float) -> float:
                     f"{spec.name}'s training guidance; expected only one of them (guidance=W sweeps it)")
 
 
+def _dit_depth(name: str) -> int:
+    """The depth of a registered DiT size; an unregistered name is refused.  The registry
+    lives beside the DiT (it imports torch), so it is read only for a name that is not one
+    of configs/model/ or when a depth is needed."""
+    from benchmark.backbones.dit import DIT_SIZES
+
+    if name not in DIT_SIZES:
+        raise UserError(f"model.name={name!r} is not a DiT size; expected one of: {', '.join(DIT_SIZES)} "
+                        f"(or pick a model with model=dit-tiny ...)")
+    return DIT_SIZES[name]["depth"]
+
+
+def _check_aux_head(cfg: RunConfig, mcfg: Any) -> None:
+    """An auxiliary head (iMF's v_head=aux) duplicates the last blocks: it needs a shared trunk."""
+    if getattr(mcfg, "v_head", None) != "aux":
+        return
+    depth = _dit_depth(cfg.model.name) if cfg.model.backbone == "dit" else cfg.model.depth
+    if mcfg.aux_depth >= depth:
+        raise UserError(f"method.aux_depth={mcfg.aux_depth} leaves no shared trunk in model={cfg.model.name} "
+                        f"of depth {depth}; expected method.aux_depth < {depth} (or method.v_head=boundary)")
+
+
 def _check_backbone(cfg: RunConfig, kind: str) -> None:
+    if cfg.model.backbone == "dit" and cfg.model.name not in group_choices("model"):
+        _dit_depth(cfg.model.name)
     expected = "dit" if kind == "image" else "mlp"
     if cfg.model.backbone != expected:
         raise UserError(f"model={cfg.model.name} is a {cfg.model.backbone} backbone but data="

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmark.cli import entry
 from benchmark.compare import (
     COST_AXES,
     REPORTED_EVAL_SEED,
@@ -45,7 +46,7 @@ from benchmark.compare import (
     pareto_front,
     reported_rows,
 )
-from benchmark.schema import UserError
+from benchmark.schema import Failure, UserError
 from benchmark.store import atomic_write_bytes
 from benchmark.table import (
     FLOORS,
@@ -643,7 +644,7 @@ def execute_notebook(source: Path, target_dir: Path, parameters: dict, cwd: Path
     except CellExecutionError as err:
         atomic_write_bytes(stem.with_suffix(".ipynb"), nbformat.writes(nb).encode())
         last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise RuntimeError(f"the report notebook failed ({last}); the partial notebook is "
+        raise Failure(f"the report notebook failed ({last}); the partial notebook is "
                            f"{stem.with_suffix('.ipynb')}") from None
     atomic_write_bytes(stem.with_suffix(".ipynb"), nbformat.writes(nb).encode())
     body, _ = html_exporter().from_notebook_node(nb)
@@ -762,18 +763,11 @@ def publish(summary: Path, figures: list[Path], target: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        if "--help" in argv or "-h" in argv:
-            print(help_text())
-            return 0
-        result = run(parse_args(argv))
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return entry(_main, argv, help_text)
+
+
+def _main(argv: list[str]) -> int:
+    result = run(parse_args(argv))
     counts = {k: 0 for k in KINDS}
     for path in result["tables"]:
         counts[path.stem] += path.suffix == ".md"

@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 
+from benchmark.cli import entry
 from benchmark.config import (
     CONFIG_DIR,
     GROUPS,
@@ -23,7 +24,7 @@ from benchmark.config import (
 )
 from benchmark.plan import EvalJob, Plan, TrainingJob, plan_points, provisional
 from benchmark.schema import UserError
-from benchmark.store import Store, os_error_line
+from benchmark.store import Store
 
 USAGE = "usage: python -m benchmark.run [--config FILE] [key=value ...] [--dry-run] [--force] [--help]"
 
@@ -64,12 +65,16 @@ def parse_args(argv: list[str]) -> tuple[list[str], set[str]]:
     base: list[str] = []
     for path in files:
         base = merge_overrides(base, read_overrides_file(path))
-    flags = {a for a in argv if a.startswith("--")}
-    unknown = flags - {"--dry-run", "--force", "--collect", "--help", "-h"}
-    if unknown:
-        raise UserError(f"unknown flag {sorted(unknown)[0]}; expected --dry-run, --force, --collect or --help")
+    flags = {a for a in argv if a.startswith("-")}
+    unknown = sorted(flags - set(FLAGS))
+    if unknown:  # one dash too (-dry-run): a flag that is not one is never silently ignored
+        raise UserError(f"unknown flag {unknown[0]}; expected {', '.join(FLAGS)}, --config FILE or --help "
+                        f"(two dashes), then key=value overrides")
     overrides = merge_overrides(base, [a for a in argv if not a.startswith("-")])
-    return overrides, flags | ({"--help"} if "-h" in argv else set())
+    return overrides, flags
+
+
+FLAGS = ("--dry-run", "--force", "--collect")
 
 
 # ----------------------------------------------------------------------------------------
@@ -321,57 +326,40 @@ def _follower() -> bool:
 def main(argv: list[str] | None = None) -> int:
     if argv is None and hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `... --dry-run | head` ends quietly
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        overrides, flags = parse_args(argv)
-        if "--help" in flags:
-            print(help_text())
-            return 0
-        plan = plan_points(compose_points(overrides), dry_run="--dry-run" in flags)
-        for notice in plan.notices:
-            print(f"notice: {notice}")
-        if plan.skipped:
-            print(f"notice: skipped {len(plan.skipped)} point(s) a method cannot honour: "
-                  + "; ".join(plan.skipped))
-        store = Store(plan.trainings[0].config.results_dir)
-        if "--dry-run" in flags:
-            print_plan(plan, store)
-            return 0
-        if "--collect" in flags:
-            records = collect(plan, store)
-            mirror(plan, store)
-            missing = len(plan.evaluations) - len(records)
-            if records:
-                print(format_table(records))
-            print(f"collected {len(records)} of {len(plan.evaluations)} evaluation(s); {missing} missing")
-            return 0
-        start = time.perf_counter()
-        records, failures = execute(plan, store, force="--force" in flags, sweep=" ".join(overrides))
+    return entry(_main, argv, help_text, interrupted="interrupted: rerun the same command to resume")
+
+
+def _main(argv: list[str]) -> int:
+    overrides, flags = parse_args(argv)
+    plan = plan_points(compose_points(overrides), dry_run="--dry-run" in flags)
+    for notice in plan.notices:
+        print(f"notice: {notice}")
+    if plan.skipped:
+        print(f"notice: skipped {len(plan.skipped)} point(s) a method cannot honour: "
+              + "; ".join(plan.skipped))
+    store = Store(plan.trainings[0].config.results_dir)
+    if "--dry-run" in flags:
+        print_plan(plan, store)
+        return 0
+    if "--collect" in flags:
+        records = collect(plan, store)
+        mirror(plan, store)
+        missing = len(plan.evaluations) - len(records)
         if records:
             print(format_table(records))
-        if _follower():
-            return 0  # a non-zero torchrun rank only trained: rank 0 reports
-        print(f"done in {time.perf_counter() - start:.1f} s; records under {store.root}/runs")
-        if failures:
-            report_failures(plan, failures, len(records))
-            return 1
+        print(f"collected {len(records)} of {len(plan.evaluations)} evaluation(s); {missing} missing")
         return 0
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # a full disk, a read-only folder: the path and why, not a traceback
-        print(f"error: {os_error_line(err)}", file=sys.stderr)
+    start = time.perf_counter()
+    records, failures = execute(plan, store, force="--force" in flags, sweep=" ".join(overrides))
+    if records:
+        print(format_table(records))
+    if _follower():
+        return 0  # a non-zero torchrun rank only trained: rank 0 reports
+    print(f"done in {time.perf_counter() - start:.1f} s; records under {store.root}/runs")
+    if failures:
+        report_failures(plan, failures, len(records))
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
-        return 130
-    except Exception as err:
-        from benchmark.train import TrainingDiverged
-
-        if isinstance(err, TrainingDiverged):
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        raise
+    return 0
 
 
 if __name__ == "__main__":

@@ -32,14 +32,17 @@ MAX_SAMPLES = 1_000_000    # generated samples per point; FID-50k is the usual s
 
 
 def _spec(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+          gt: float | None = None, lt: float | None = None,
           choices: tuple | None = None, semantic: bool = True, nonempty: bool = False,
           parse: Any = None, omit_default: bool = False) -> Any:
-    """A config field: help text, bounds or choices, whether it changes results
-    (``semantic``), whether an empty string is refused, an optional ``parse(key, value)``
-    that checks and normalises a value whose type is not a plain one, and whether the key
-    leaves it out at its default (``omit_default``: for fields added after results existed)."""
-    meta = {"help": help, "min": min, "max": max, "choices": choices, "semantic": semantic,
-            "nonempty": nonempty, "parse": parse, "omit_default": omit_default}
+    """A config field: help text, bounds (``min``/``max`` inclusive, ``gt``/``lt``
+    exclusive) or choices, whether it changes results (``semantic``), whether an empty
+    string is refused, an optional ``parse(key, value)`` that checks and normalises a value
+    whose type is not a plain one, and whether the key leaves it out at its default
+    (``omit_default``: for fields added after results existed).  Method specs declare
+    their fields with the same constraint keys (``methods.specs.base.train_field``)."""
+    meta = {"help": help, "min": min, "max": max, "gt": gt, "lt": lt, "choices": choices,
+            "semantic": semantic, "nonempty": nonempty, "parse": parse, "omit_default": omit_default}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -74,7 +77,7 @@ class TrainConfig:
     micro_batches: int = _spec(1, "micro-batches per step (gradient accumulation; a multiple of the "
                                   "number of data-parallel processes)", min=1)
     lr: float = _spec(1e-3, "peak AdamW learning rate", min=0.0)
-    betas: list = _spec([0.9, 0.999], "AdamW betas")
+    betas: list = _spec([0.9, 0.999], "AdamW betas", parse=lambda key, v: _parse_betas(key, v))
     weight_decay: float = _spec(0.0, "AdamW weight decay", min=0.0)
     warmup_steps: int = _spec(100, "linear warmup steps", min=0)
     schedule: str = _spec("cosine", "learning-rate schedule after warmup", choices=("constant", "cosine"))
@@ -104,6 +107,14 @@ class TrainConfig:
     device: str = _spec("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"), semantic=False)
     threads: int = _spec(0, "torch CPU threads (0 = torch default)", min=0, semantic=False)
     progress: bool = _spec(True, "show a progress bar", semantic=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, int) and isinstance(self.micro_batches, int) \
+                and self.micro_batches >= 1 and self.batch_size % self.micro_batches:
+            n = self.micro_batches
+            raise UserError(f"train.batch_size={self.batch_size} does not split into train.micro_batches={n} "
+                            f"equal micro-batches; expected a multiple of {n}: set train.batch_size="
+                            f"{max(n, self.batch_size - self.batch_size % n)} or another train.micro_batches")
 
 
 @dataclass(frozen=True)
@@ -162,6 +173,15 @@ def parse_ema(key: str, value: Any) -> str | float:
     return _sigma_rel(key, value)
 
 
+def _parse_betas(key: str, value: Any) -> list[float]:
+    ok = (isinstance(value, (list, tuple)) and len(value) == 2
+          and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in value))
+    if not ok or not all(0 <= b < 1 for b in value):
+        raise UserError(f"{key}={value!r} is not a pair of AdamW betas; expected two numbers in [0, 1), "
+                        f"e.g. {key}=[0.9,0.999]")
+    return [float(b) for b in value]
+
+
 def _parse_profiles(key: str, value: Any) -> list[float]:
     if not isinstance(value, (list, tuple)) or not value:
         raise UserError(f"{key}={value!r} is not a list of EMA widths; expected e.g. {key}=[0.05,0.1]")
@@ -204,10 +224,39 @@ FID_SUITE_FIELDS = ("backend", "extractor", "reference_split", "num_reference", 
 """EvalConfig fields read only by the fid suite: they enter evaluation keys only for its datasets."""
 
 
+TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks",
+                    "databricks-uc", "uc")
+"""URI schemes MLflow's tracking store registry opens (a database scheme may name its driver,
+``postgresql+psycopg2``); a plain path is a file store.  A test keeps this list in step
+with the installed MLflow."""
+
+_URI_EXAMPLES = ("expected '' (the sqlite store under results_dir), sqlite:///path/mlflow.db, "
+                 "http(s)://host:port, file:/path, postgresql://..., mysql://..., mssql:// or databricks")
+
+
+def parse_tracking_uri(key: str, value: Any) -> str:
+    """An MLflow tracking URI whose scheme MLflow can open, checked before anything runs."""
+    if not isinstance(value, str):
+        raise UserError(f"{key}={value!r} is not a string; {_URI_EXAMPLES}")
+    uri = value.strip()
+    scheme, sep, rest = uri.partition(":")
+    if not sep or "/" in scheme or len(scheme) == 1:  # a path (or a Windows drive): a file store
+        return uri
+    if scheme.split("+", 1)[0] not in TRACKING_SCHEMES:
+        raise UserError(f"{key}={value!r} has the scheme '{scheme}:', which MLflow cannot open; {_URI_EXAMPLES}")
+    if scheme == "sqlite" and (not rest.startswith("///") or not rest[3:]):
+        raise UserError(f"{key}={value!r} is not a sqlite URI MLflow opens; expected sqlite:///relative/path.db "
+                        f"or sqlite:////absolute/path.db")
+    if scheme in ("http", "https") and not rest.removeprefix("//").split("/", 1)[0]:
+        raise UserError(f"{key}={value!r} names no server; expected {scheme}://host:port")
+    return uri
+
+
 @dataclass(frozen=True)
 class TrackingConfig:
     enabled: bool = _spec(True, "mirror runs to MLflow", semantic=False)
-    uri: str = _spec("", "MLflow tracking URI ('' = sqlite store under results_dir)", semantic=False)
+    uri: str = _spec("", "MLflow tracking URI ('' = sqlite store under results_dir)", semantic=False,
+                     parse=lambda key, v: parse_tracking_uri(key, v))
     experiment: str = _spec("fewstep-bench", "MLflow experiment name", semantic=False, nonempty=True)
 
 
@@ -287,14 +336,24 @@ def coerce_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
         raise UserError(f"{key}= is empty; expected a non-empty string" + _fix_hint(key, meta))
     if meta.get("choices") and value not in meta["choices"]:
         raise UserError(f"{key}={value!r} is not allowed; expected one of: "
-                        f"{', '.join(map(str, meta['choices']))}")
-    lo, hi = meta.get("min"), meta.get("max")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = " and ".join(b for b in (f">= {lo}" if lo is not None else "",
-                                          f"<= {hi}" if hi is not None else "") if b)
-        raise UserError(f"{key}={value!r} is out of range; expected a value {bounds}"
-                        + _fix_hint(key, meta))
+                        f"{', '.join(map(str, meta['choices']))}" + _fix_hint(key, meta))
+    bounds = [(op, meta.get(name)) for name, op in _BOUNDS if meta.get(name) is not None]
+    if value is not None and not all(_holds(value, op, limit) for op, limit in bounds):
+        raise UserError(f"{key}={value!r} is out of range; expected a value "
+                        + " and ".join(f"{op} {_number(limit)}" for op, limit in bounds) + _fix_hint(key, meta))
     return value
+
+
+_BOUNDS = (("min", ">="), ("gt", ">"), ("max", "<="), ("lt", "<"))
+"""Field metadata keys of the bounds, and how each reads in an error."""
+
+
+def _number(limit: float) -> str:
+    return f"{limit:g}" if isinstance(limit, float) else str(limit)
+
+
+def _holds(value: Any, op: str, limit: float) -> bool:
+    return {">=": value >= limit, ">": value > limit, "<=": value <= limit, "<": value < limit}[op]
 
 
 def _non_finite(value: Any) -> float | None:
@@ -322,7 +381,10 @@ def coerce_dataclass(cls: type, values: dict, prefix: str) -> Any:
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else name
         kwargs[name] = coerce_value(key, value, hints[name], dict(fields[name].metadata))
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # a rule across fields (e.g. an interval's ends), stated by the class
+        raise UserError(str(err)) from None
 
 
 def build_run_config(raw: dict) -> RunConfig:

@@ -34,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmark.cli import entry
 from benchmark.schema import UserError
 
 VARIANT_SEP = "+"
@@ -107,7 +108,11 @@ def measure(method: str, model: str, batch: int, steps: int, device: str, thread
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str):  # one line and exit 2 under the shared policy, not argparse's usage
+            raise UserError(f"{message}; expected the options of python -m benchmark.stepcost --help")
+
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="dit-tiny")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
@@ -121,8 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="train.precision")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     parser.add_argument("--_data", default="", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    try:
+
+    def body(argv: list[str]) -> int:
+        args = parser.parse_args(argv)
+        for name, least in (("batch", 1), ("steps", 1), ("rounds", 1), ("threads", 0)):
+            if getattr(args, name) < least:
+                raise UserError(f"--{name} {getattr(args, name)} is out of range; expected an integer >= {least}")
+        if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+            raise UserError(f"--device {args.device!r} is not a device; expected cpu, cuda or cuda:N")
         if args._worker:
             data = json.loads(args._data) if args._data else None
             print(json.dumps(measure(args._worker, args.model, args.batch, args.steps, args.device,
@@ -131,9 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         shape = _parse_shape(args.shape) if args.shape else None
         with tempfile.TemporaryDirectory(prefix="stepcost-") as folder:
             return _run(args, _random_latents(shape, Path(folder)) if shape else [])
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+    return entry(body, argv, parser.format_help)
 
 
 def train_overrides(args) -> list[str]:

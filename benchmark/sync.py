@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import sys
 
-from benchmark.schema import TrackingConfig, UserError, coerce_dataclass
-from benchmark.store import Store, os_error_line
+from benchmark.cli import entry
+from benchmark.schema import Failure, TrackingConfig, UserError, coerce_dataclass
+from benchmark.store import Store
 from benchmark.tracking import Tracker
 
 
@@ -77,26 +78,25 @@ def sync_studies(store: Store, cfg: TrackingConfig) -> tuple[int, str]:
     return count, ""
 
 
+USAGE = "usage: python -m benchmark.sync [results_dir=DIR] [tracking.uri=URI] [tracking.experiment=NAME] [--help]"
+
+
 def main(argv: list[str] | None = None) -> int:
-    try:
-        store, cfg = parse(sys.argv[1:] if argv is None else argv)
-        if not cfg.enabled:
-            raise UserError("tracking.enabled=false leaves nothing to do; expected tracking.enabled=true "
-                            "(the default) to mirror the records")
-        tracker = Tracker(cfg, store, quiet=True)
-        ok = sync(store, cfg, tracker)
-        trials, problem = sync_studies(store, cfg) if ok else (0, tracker.problem)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: {os_error_line(err)}", file=sys.stderr)
-        return 1
+    return entry(_main, argv, USAGE + "\n\n" + (__doc__ or "").strip())
+
+
+def _main(argv: list[str]) -> int:
+    store, cfg = parse(argv)
+    if not cfg.enabled:
+        raise UserError("tracking.enabled=false leaves nothing to do; expected tracking.enabled=true "
+                        "(the default) to mirror the records")
+    tracker = Tracker(cfg, store, quiet=True)
+    ok = sync(store, cfg, tracker)
+    trials, problem = sync_studies(store, cfg) if ok else (0, tracker.problem)
     counts = (f"{tracker.logged['training']} training(s), {tracker.logged['evaluation']} evaluation(s) "
               f"and {trials} tuning trial(s)")
     if not ok or problem:
-        print(f"error: {problem or tracker.problem}; mirrored {counts} before that", file=sys.stderr)
-        return 1
+        raise Failure(f"{problem or tracker.problem}; mirrored {counts} before that")
     print(f"mirrored {counts} to {tracker.uri} (the others were there already)")
     return 0
 

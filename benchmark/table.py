@@ -286,24 +286,26 @@ def read_table(path: str | Path) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m benchmark.table [results_dir=DIR]``: rebuild the tables, print their paths."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        results_dir = "results"
-        for arg in argv:
-            key, sep, value = arg.partition("=")
-            if key != "results_dir" or not sep or not value:
-                raise UserError(f"unknown argument '{arg}'; expected results_dir=DIR "
-                                f"(usage: python -m benchmark.table [results_dir=DIR])")
-            results_dir = value
-        if not Path(results_dir).is_dir():
-            raise UserError(f"results_dir={results_dir} does not exist; expected the folder python -m "
-                            f"benchmark.run wrote (default results/)")
-        path = rebuild(results_dir)
-        print(f"{len(read_table(path))} evaluation(s) -> {path} (and .csv); curves -> {path.parent / 'curves.parquet'}")
-        return 0
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    from benchmark.cli import entry
+
+    return entry(_main, argv, "usage: python -m benchmark.table [results_dir=DIR] [--help]\n\n"
+                 + (__doc__ or "").strip())
+
+
+def _main(argv: list[str]) -> int:
+    results_dir = "results"
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if key != "results_dir" or not sep or not value:
+            raise UserError(f"unknown argument '{arg}'; expected results_dir=DIR "
+                            f"(usage: python -m benchmark.table [results_dir=DIR])")
+        results_dir = value
+    if not Path(results_dir).is_dir():
+        raise UserError(f"results_dir={results_dir} does not exist; expected the folder python -m "
+                        f"benchmark.run wrote (default results/)")
+    path = rebuild(results_dir)
+    print(f"{len(read_table(path))} evaluation(s) -> {path} (and .csv); curves -> {path.parent / 'curves.parquet'}")
+    return 0
 
 
 if __name__ == "__main__":
