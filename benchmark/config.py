@@ -144,11 +144,23 @@ FREE_FORM = ("launcher.additional", "data.options")
 one of them, or of a key inside, may add keys without Hydra's ``+`` prefix."""
 
 
+def _declared_keys() -> set[str]:
+    """``group.field`` of every field the schema declares: a group's YAML may leave one out
+    (``data.root`` of the digits, ``eval.bootstrap``), and setting it is still no typo."""
+    import dataclasses
+
+    from benchmark.schema import GROUP_CLASSES
+
+    return {f"{group}.{f.name}" for group, cls in GROUP_CLASSES.items() for f in dataclasses.fields(cls)}
+
+
 def _open_free_form(override: str) -> str:
     key = override.split("=", 1)[0]
-    if key.startswith(("+", "~")) or not any(key == f or key.startswith(f + ".") for f in FREE_FORM):
+    if key.startswith(("+", "~")):
         return override
-    return "++" + override
+    if key in _declared_keys() or any(key == f or key.startswith(f + ".") for f in FREE_FORM):
+        return "++" + override
+    return override
 
 
 def check_group_choices(overrides: tuple[str, ...]) -> None:

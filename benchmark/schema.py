@@ -8,6 +8,7 @@ line that names the bad value, what was expected and how to fix it.  Torch-free.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -46,6 +47,11 @@ def _spec(default: Any, help: str, *, min: float | None = None, max: float | Non
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+config_field = _spec
+"""The public name of :func:`_spec`: config dataclasses outside this module (``benchmark.encode``)
+declare their fields with it."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +180,10 @@ def parse_ema(key: str, value: Any) -> str | float:
 
 
 def _parse_betas(key: str, value: Any) -> list[float]:
+    bad = _non_finite(value)
+    if bad is not None:
+        raise UserError(f"{key}={bad!r} is not a finite number; expected two numbers in [0, 1), "
+                        f"e.g. {key}=[0.9,0.999]")
     ok = (isinstance(value, (list, tuple)) and len(value) == 2
           and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in value))
     if not ok or not all(0 <= b < 1 for b in value):
@@ -294,7 +304,7 @@ class RunConfig:
     results_dir: str = "results"
 
 
-_GROUPS = {
+GROUP_CLASSES = {
     "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
     "tracking": TrackingConfig, "launcher": LauncherConfig,
 }
@@ -368,6 +378,9 @@ def _fix_hint(key: str, meta: dict) -> str:
     return f" ({meta['help']})" if meta.get("help") else ""
 
 
+_type_hints = functools.cache(typing.get_type_hints)  # per class; resolving annotations is slow
+
+
 def coerce_dataclass(cls: type, values: dict, prefix: str) -> Any:
     """Build ``cls`` from ``values``, naming the first unknown key or bad value."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -376,7 +389,7 @@ def coerce_dataclass(cls: type, values: dict, prefix: str) -> Any:
         where = f"{prefix}." if prefix else ""
         raise UserError(f"unknown key '{where}{unknown[0]}'; expected one of: "
                         f"{', '.join(where + k for k in fields)}")
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -390,13 +403,13 @@ def coerce_dataclass(cls: type, values: dict, prefix: str) -> Any:
 def build_run_config(raw: dict) -> RunConfig:
     """Composed dict -> RunConfig (the method dict is checked by ``method_config``)."""
     raw = dict(raw)
-    groups = {g: coerce_dataclass(cls, raw.pop(g, {}) or {}, g) for g, cls in _GROUPS.items()}
+    groups = {g: coerce_dataclass(cls, raw.pop(g, {}) or {}, g) for g, cls in GROUP_CLASSES.items()}
     method = raw.pop("method")
     top_fields = {"seed", "nfe", "guidance", "results_dir"}
     unknown = sorted(set(raw) - top_fields)
     if unknown:
         raise UserError(f"unknown key '{unknown[0]}'; expected a config group "
-                        f"({', '.join(['method', *_GROUPS])}) or one of: {', '.join(sorted(top_fields))}")
+                        f"({', '.join(['method', *GROUP_CLASSES])}) or one of: {', '.join(sorted(top_fields))}")
     top = coerce_dataclass(_TopLevel, raw, "")
     return RunConfig(method=method, **groups, **dataclasses.asdict(top))
 
