@@ -20,14 +20,24 @@ from typing import Any, ClassVar, Literal
 Axis = Literal["train", "eval"]
 
 
-def train_field(default: Any, help: str) -> Any:
-    """A config field that changes the trained weights (part of the training key)."""
-    return field(default=default, metadata={"axis": "train", "help": help})
+def train_field(default: Any, help: str, **checks: Any) -> Any:
+    """A config field that changes the trained weights (part of the training key).
+    ``checks``: what the planner refuses before anything runs, as in the config groups'
+    schema: ``choices=(...)``, bounds ``min``/``max`` (inclusive), ``gt``/``lt`` (exclusive)."""
+    return field(default=default, metadata={"axis": "train", "help": help, **_checks(checks)})
 
 
-def eval_field(default: Any, help: str) -> Any:
-    """A config field used only at sampling time (part of the evaluation key)."""
-    return field(default=default, metadata={"axis": "eval", "help": help})
+def eval_field(default: Any, help: str, **checks: Any) -> Any:
+    """A config field used only at sampling time (part of the evaluation key); ``checks``
+    as for :func:`train_field`."""
+    return field(default=default, metadata={"axis": "eval", "help": help, **_checks(checks)})
+
+
+def _checks(checks: dict) -> dict:
+    unknown = sorted(set(checks) - {"choices", "min", "max", "gt", "lt"})
+    if unknown:
+        raise TypeError(f"unknown field check(s) {unknown}; expected choices, min, max, gt or lt")
+    return checks
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,15 @@ from methods.specs.base import MethodConfig, MethodSpec, eval_field, train_field
 
 @dataclass(frozen=True)
 class FlowMatchingConfig(MethodConfig):
-    time_sampler: str = train_field("logit_normal", "uniform | logit_normal (MF's sampler, for a fair comparison)")
+    time_sampler: str = train_field("logit_normal", "uniform | logit_normal (MF's sampler, for a fair comparison)",
+        choices=("uniform", "logit_normal"))
     time_mean: float = train_field(-0.4, "logit-normal mean (MeanFlow's default, docs/methods.md §1)")
-    time_std: float = train_field(1.0, "logit-normal std")
-    label_dropout: float = train_field(0.1, "per-sample probability of the null label (CFG training)")
-    solver: str = eval_field("euler", "euler (one pass per step) | heun (two passes per step but the last)")
+    time_std: float = train_field(1.0, "logit-normal std",
+        gt=0)
+    label_dropout: float = train_field(0.1, "per-sample probability of the null label (CFG training)",
+        min=0, max=1)
+    solver: str = eval_field("euler", "euler (one pass per step) | heun (two passes per step but the last)",
+        choices=("euler", "heun"))
 
 
 class FlowMatchingSpec(MethodSpec):

@@ -30,14 +30,21 @@ def num_levels(denoise_timesteps: int) -> int:
 
 @dataclass(frozen=True)
 class ShortcutConfig(MethodConfig):
-    denoise_timesteps: int = train_field(128, "M: finest step 1/M is the flow-matching level; NFE must be a power of two <= M")
-    bootstrap_every: int = train_field(8, "the first B // bootstrap_every samples of a batch get self-consistency targets")
+    denoise_timesteps: int = train_field(128, "M: finest step 1/M is the flow-matching level; NFE must be a power of two <= M",
+        min=2)
+    bootstrap_every: int = train_field(8, "the first B // bootstrap_every samples of a batch get self-consistency targets",
+        min=1)
     bootstrap_ema: bool = train_field(True, "self-consistency targets from the teacher, an EMA of the net (official); False: the online net")
-    teacher_decay: float = train_field(0.99, "EMA decay of the bootstrap teacher (official 0.999; 0.99 fits few-thousand-step runs)")
-    bootstrap_clip: float = train_field(4.0, "clip of the bootstrap midpoint and target to +-clip (tuned for SD-VAE latents)")
-    bootstrap_cfg_scale: float = train_field(1.0, "CFG scale baked into the smallest self-consistency level; 1 = off (official ImageNet 1.5)")
-    label_dropout: float = train_field(0.1, "per-sample null-label probability on the flow-matching part only")
-    eps_min: float = train_field(1e-5, "x_t = (1 - (1 - eps_min) t) noise + t data, FM target data - (1 - eps_min) noise")
+    teacher_decay: float = train_field(0.99, "EMA decay of the bootstrap teacher (official 0.999; 0.99 fits few-thousand-step runs)",
+        min=0, lt=1)
+    bootstrap_clip: float = train_field(4.0, "clip of the bootstrap midpoint and target to +-clip (tuned for SD-VAE latents)",
+        gt=0)
+    bootstrap_cfg_scale: float = train_field(1.0, "CFG scale baked into the smallest self-consistency level; 1 = off (official ImageNet 1.5)",
+        min=1)
+    label_dropout: float = train_field(0.1, "per-sample null-label probability on the flow-matching part only",
+        min=0, max=1)
+    eps_min: float = train_field(1e-5, "x_t = (1 - (1 - eps_min) t) noise + t data, FM target data - (1 - eps_min) noise",
+        min=0, lt=1)
 
     def __post_init__(self) -> None:
         num_levels(self.denoise_timesteps)
