@@ -1,4 +1,5 @@
-"""Torch-free facts the planner needs about datasets, backbones and metrics.
+"""Torch-free facts the planner needs about datasets, backbones and metrics (each metric's
+own facts, its direction and the suites recording it, are in ``benchmark.metrics.registry``).
 
 Versions salt cache keys: bump one when the code it names changes its numbers.
 """
@@ -23,20 +24,6 @@ class DatasetInfo:
     metric_id: str     # identity of its definitions and feature network (in evaluation keys)
     eval_samples: int = 1000  # generated samples per evaluation point unless eval.num_samples says
 
-
-SUITE_METRICS = {
-    "digits": ("fd", "fd_matched", "kid", "class_acc", "memorized"),
-    "toy": ("sw2", "swd", "mmd", "mean_err", "std_err"),
-    "fid": ("fd", "kid", "precision", "recall", "density", "coverage"),
-}
-"""The scalar metrics each suite records (a tuning objective is one of them)."""
-
-METRIC_DIRECTIONS = {"fd": "minimize", "fd_matched": "minimize", "sw2": "minimize", "memorized": "minimize",
-                     "kid": "minimize", "swd": "minimize", "mmd": "minimize",
-                     "mean_err": "minimize", "std_err": "minimize", "class_acc": "maximize",
-                     "precision": "maximize", "recall": "maximize", "density": "maximize",
-                     "coverage": "maximize"}
-"""Which way is better, per metric (a tuning study's direction follows its metric)."""
 
 FID_METRIC_ID = "fid-v1"
 """Identity of the fid suite's definitions (quantisation, KID subsets, reference sampling)."""

@@ -15,11 +15,10 @@ import math
 
 import pandas as pd
 
+from benchmark.backbones.sizes import size_order
 from benchmark.schema import EvalConfig, UserError
 from benchmark.table import COST_AXES, config_columns
 
-# Torch-free size order for the model-size axis when records carry no parameter count.
-MODEL_ORDER = ("mlp", "dit-tiny", "dit-small-cpu", "dit-s", "dit-b", "dit-l", "dit-xl")
 REPORTED_EVAL_SEED = EvalConfig().seed
 """The evaluation seed tables report; any other evaluation seed only chooses guidance."""
 
@@ -31,21 +30,23 @@ def method_rank(name: str) -> tuple[int, str]:
 
 
 def model_order(df: pd.DataFrame) -> list[str]:
-    """Models from small to large: by recorded parameter count, else by the size registry."""
+    """Models from small to large: by recorded parameter count, else in the order of the
+    size registry (``benchmark.backbones.sizes``)."""
     models = list(df["model"].dropna().unique())
     if "model.params" in df.columns and df["model.params"].notna().all():
         params = df.groupby("model")["model.params"].mean()
         return sorted(models, key=lambda m: params[m])
-    return sorted(models, key=lambda m: (MODEL_ORDER.index(m) if m in MODEL_ORDER else len(MODEL_ORDER), m))
+    order = size_order()
+    return sorted(models, key=lambda m: (order.index(m) if m in order else len(order), m))
 
 
-def _size_key(df: pd.DataFrame, group: tuple) -> tuple:
+def size_key(df: pd.DataFrame, group: tuple) -> tuple:
     """Sort key of a (data, model, ...) group: data by name, then model from small to large."""
     order = model_order(df[df["data"] == group[0]])
     return (group[0], order.index(group[1]) if group[1] in order else len(order), *map(str, group[2:]))
 
 
-def _short(value) -> str:
+def short_value(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -61,7 +62,7 @@ def variant_labels(df: pd.DataFrame, axes: set[str]) -> pd.Series:
         varying = [c for c in config_columns(rows) if c not in skip and not (prefixes and c.startswith(prefixes))
                    and rows[c].astype(str).nunique(dropna=False) > 1]
         for i, row in rows.iterrows():
-            extra = ", ".join(f"{c}={_short(row[c])}" for c in varying)
+            extra = ", ".join(f"{c}={short_value(row[c])}" for c in varying)
             labels[i] = f"{method} ({extra})" if extra else str(method)
     return labels
 

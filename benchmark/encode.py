@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from benchmark.schema import UserError, _spec, coerce_dataclass
+from benchmark.schema import UserError, coerce_dataclass, config_field
 
 USAGE = ("usage: python -m benchmark.encode data=imagefolder|cifar10 data.root=DIR vae=PATH out=DIR "
          "[key=value ...] [--help]")
@@ -51,19 +51,19 @@ FORMAT_VERSION = 1  # bump when the shard layout or the preprocessing changes
 
 @dataclass(frozen=True)
 class EncodeConfig:
-    out: str = _spec("", "folder the shards and manifest.json are written to")
-    vae: str = _spec("", "AutoencoderKL folder (config.json + safetensors) or .safetensors file")
-    resolution: int = _spec(0, "image side after ADM's centre crop; 0 = the autoencoder's sample_size", min=0)
-    shard_size: int = _spec(10000, "source images per shard", min=1)
-    batch_size: int = _spec(64, "images per encoder call (the latents do not depend on it beyond float rounding)", min=1,
+    out: str = config_field("", "folder the shards and manifest.json are written to")
+    vae: str = config_field("", "AutoencoderKL folder (config.json + safetensors) or .safetensors file")
+    resolution: int = config_field(0, "image side after ADM's centre crop; 0 = the autoencoder's sample_size", min=0)
+    shard_size: int = config_field(10000, "source images per shard", min=1)
+    batch_size: int = config_field(64, "images per encoder call (the latents do not depend on it beyond float rounding)", min=1,
                             semantic=False)
-    posterior: str = _spec("mean", "what is stored: the posterior mean, or one seeded sample",
+    posterior: str = config_field("mean", "what is stored: the posterior mean, or one seeded sample",
                            choices=("mean", "sample"))
-    seed: int = _spec(0, "seed of posterior=sample (each image's draw depends on it and its index)")
-    hflip: bool = _spec(False, "also store each image's horizontal mirror (doubles every shard)")
-    dtype: str = _spec("float16", "latent dtype on disk", choices=("float16", "float32"))
-    device: str = _spec("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"), semantic=False)
-    progress: bool = _spec(True, "show a progress bar", semantic=False)
+    seed: int = config_field(0, "seed of posterior=sample (each image's draw depends on it and its index)")
+    hflip: bool = config_field(False, "also store each image's horizontal mirror (doubles every shard)")
+    dtype: str = config_field("float16", "latent dtype on disk", choices=("float16", "float32"))
+    device: str = config_field("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"), semantic=False)
+    progress: bool = config_field(True, "show a progress bar", semantic=False)
 
 
 def help_text() -> str:

@@ -324,9 +324,9 @@ def estimate_train_flops(cfg, method_name: str, method_train: dict) -> int | Non
     batch_terms = list(zip(SMALL_BATCHES, _lagrange(SMALL_BATCHES, cfg.train.batch_size)))
     if not dit:
         return int(round(sum(w * count(b, 0, aux, None) for b, w in batch_terms)))
-    from benchmark.backbones.dit import DIT_SIZES
+    from benchmark.backbones.sizes import dit_sizes
 
-    size = DIT_SIZES[cfg.model.name]
+    size = dit_sizes()[cfg.model.name]
     depth, patch = size["depth"], options.get("patch_size", size["patch_size"])
     tokens = (shape[1] // patch) * (shape[2] // patch)
     token_terms = list(zip((1, 2, 3), _lagrange((1, 4, 9), tokens)))  # image sides p, 2p, 3p

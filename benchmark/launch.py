@@ -40,7 +40,8 @@ except ImportError:  # pragma: no cover
 # Tasks (picklable callables run wherever the launcher puts them)
 
 
-def _set_threads(threads: int) -> None:
+def set_threads(threads: int) -> None:
+    """torch CPU threads of a task (0: leave torch's default)."""
     if threads:
         import torch
 
@@ -56,7 +57,7 @@ class TrainTask(Checkpointable):
     def __call__(self) -> str:
         from benchmark.train import train
 
-        _set_threads(self.threads)
+        set_threads(self.threads)
         trained = train(self.job, Store(self.results_dir)) is not None
         # one line per unit computed or reused: the logs tell how often each was computed
         print(f"{'trained' if trained else 'reused'} training {self.job.key}", flush=True)
@@ -82,7 +83,7 @@ class EvalTask:
         from benchmark.evaluate import evaluate
         from benchmark.train import load_trained
 
-        _set_threads(self.threads)
+        set_threads(self.threads)
         store, loaded, failed = Store(self.results_dir), None, []
         for ev in self.evals:
             if store.has_eval(ev.train_key, ev.key):

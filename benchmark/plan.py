@@ -281,15 +281,15 @@ def _training_guidance(cfg: RunConfig, spec: Any, configured: float) -> float:
 
 
 def _dit_depth(name: str) -> int:
-    """The depth of a registered DiT size; an unregistered name is refused.  The registry
-    lives beside the DiT (it imports torch), so it is read only for a name that is not one
-    of configs/model/ or when a depth is needed."""
-    from benchmark.backbones.dit import DIT_SIZES
+    """The depth of a registered DiT size (``benchmark.backbones.sizes``); an unregistered
+    name is refused."""
+    from benchmark.backbones.sizes import dit_sizes
 
-    if name not in DIT_SIZES:
-        raise UserError(f"model.name={name!r} is not a DiT size; expected one of: {', '.join(DIT_SIZES)} "
+    sizes = dit_sizes()
+    if name not in sizes:
+        raise UserError(f"model.name={name!r} is not a DiT size; expected one of: {', '.join(sizes)} "
                         f"(or pick a model with model=dit-tiny ...)")
-    return DIT_SIZES[name]["depth"]
+    return sizes[name]["depth"]
 
 
 def _check_aux_head(cfg: RunConfig, mcfg: Any) -> None:

@@ -36,8 +36,6 @@ from benchmark.cli import entry
 from benchmark.compare import (
     COST_AXES,
     REPORTED_EVAL_SEED,
-    _short,
-    _size_key,
     aggregate,
     at_unit_guidance,
     cost_axis,
@@ -45,6 +43,8 @@ from benchmark.compare import (
     model_order,
     pareto_front,
     reported_rows,
+    short_value,
+    size_key,
 )
 from benchmark.schema import Failure, UserError
 from benchmark.store import atomic_write_bytes
@@ -248,9 +248,9 @@ def resolution_words(cells: pd.DataFrame, best: pd.DataFrame, col_name: str) -> 
             continue
         winner = next((i for i in entries if best.at[i, col]), None)
         if winner is not None:
-            resolved.append(f"{col_name} {_short(col)}: {winner}")
+            resolved.append(f"{col_name} {short_value(col)}: {winner}")
         else:
-            open_.append(f"{col_name} {_short(col)}")
+            open_.append(f"{col_name} {short_value(col)}")
     words = []
     if resolved:
         words.append("Resolved leads: " + "; ".join(resolved))
@@ -291,7 +291,7 @@ def pivot_table(agg: pd.DataFrame, metric: str, row: str, col: str, cols: list, 
     grid = pd.DataFrame([[cells.get((label, c), math.nan) for c in cols] for label in labels],
                         index=labels, columns=cols, dtype=object)
     best = _best_mask(grid, metric)
-    header = [row_name, *[f"{col_name} {_short(c)}" for c in cols]]
+    header = [row_name, *[f"{col_name} {short_value(c)}" for c in cols]]
     rows, bold = [], []
     for label in labels:
         row_cells = [grid.at[label, c] for c in cols]
@@ -321,7 +321,7 @@ def _sorted_rows(agg: pd.DataFrame, extra: list[str]) -> pd.DataFrame:
 def method_nfe_tables(df: pd.DataFrame, metrics: list[str]) -> list[Table]:
     """One table per (data, model, metric): a row per method variant, a column per NFE."""
     tables = []
-    for (data, model), part in sorted(df.groupby(["data", "model"]), key=lambda g: _size_key(df, g[0])):
+    for (data, model), part in sorted(df.groupby(["data", "model"]), key=lambda g: size_key(df, g[0])):
         agg = _sorted_rows(aggregate(part, [f"metric.{m}" for m in metrics], {"nfe"}), ["nfe"])
         nfes = sorted(agg["nfe"].unique())
         for metric in (m for m in metrics if f"metric.{m}" in agg.columns):
@@ -342,7 +342,7 @@ def axis_tables(df: pd.DataFrame, metrics: list[str], axis: str, kind: str) -> l
     by = ["data", "model"] if axis == "guidance" else ["data"]
     axes = {axis, "nfe"} | ({"model."} if axis == "model" else set())
     groups = [(g if isinstance(g, tuple) else (g,), part) for g, part in df.groupby(by)]
-    for group, part in sorted(groups, key=lambda g: _size_key(df, g[0]) if len(g[0]) > 1 else g[0]):
+    for group, part in sorted(groups, key=lambda g: size_key(df, g[0]) if len(g[0]) > 1 else g[0]):
         if part[axis].nunique() < 2:
             continue
         agg = aggregate(part, [f"metric.{m}" for m in metrics] + ["sec_per_sample"], axes)

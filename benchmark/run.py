@@ -1,4 +1,4 @@
-"""Run a benchmark sweep: ``python -m benchmark.run key=value ... [--dry-run] [--force | --force-train]``.
+"""Run a benchmark sweep: ``python -m benchmark.run key=value ... [--dry-run] [--force]``.
 
 Overrides use Hydra's grammar; a comma list (or ``choice(...)``, ``range(...)``) sweeps.
 Each distinct training configuration trains once; every evaluation point reuses its
@@ -22,11 +22,12 @@ from benchmark.config import (
     merge_overrides,
     read_overrides_file,
 )
+from benchmark.mirror import mirror, prepare_run_folder
 from benchmark.plan import EvalJob, Plan, TrainingJob, plan_points, provisional
 from benchmark.schema import UserError
 from benchmark.store import Store
 
-USAGE = "usage: python -m benchmark.run [--config FILE] [key=value ...] [--dry-run] [--force] [--force-train] [--help]"
+USAGE = "usage: python -m benchmark.run [--config FILE] [key=value ...] [--dry-run] [--force] [--help]"
 
 
 def help_text() -> str:
@@ -41,9 +42,7 @@ def help_text() -> str:
               "  results_dir=DIR  where runs, records and the MLflow store live (default results/)",
               "  tracking.enabled=false   do not mirror to MLflow", "",
               "flags:", "  --dry-run  print the resolved plan (cached or missing per row) and exit",
-              "  --force    recompute the requested evaluation points, reusing their checkpoints",
-              "  --force-train  retrain the requested checkpoints and recompute the requested points;",
-              "                 other evaluations of those checkpoints are removed (stale)",
+              "  --force    recompute the requested points even if cached",
               "  --collect  gather and print whatever has finished, launching nothing",
               "  --config FILE  start from the overrides in FILE (e.g. benchmark.tune's best.yaml);",
               "                 key=value arguments win over the file's",
@@ -76,7 +75,7 @@ def parse_args(argv: list[str]) -> tuple[list[str], set[str]]:
     return overrides, flags
 
 
-FLAGS = ("--dry-run", "--force", "--force-train", "--collect")
+FLAGS = ("--dry-run", "--force", "--collect")
 
 
 # ----------------------------------------------------------------------------------------
@@ -138,7 +137,7 @@ def format_table(records: list[dict]) -> str:
     for r in records:
         cells = [r["method"], r["model"], str(r["nfe"]), f"{r['nfe_counted']:g}", f"{r['guidance']:g}",
                  str(r.get("ema", "-"))]
-        cells += [_fmt(r["metrics"].get(m), r.get("intervals", {}).get(m)) for m in present]
+        cells += [_fmt(r["metrics"].get(m), r.get("intervals", {}).get(m), metric_info(m)) for m in present]
         cells.append(f"{r['sec_per_sample']:.2e}")
         rows.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
@@ -172,10 +171,11 @@ def chance_warnings(records: list[dict]) -> list[str]:
     return lines
 
 
-def _fmt(v, interval=None) -> str:
+def _fmt(v, interval=None, info=None) -> str:
+    """A value (printed as its registered metric says, ``info``) and its interval's half-width."""
     if v is None:
         return "-"
-    text = f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    text = info.format(v) if info is not None else f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
     if interval and all(x is not None and x == x for x in interval):
         half = (interval[1] - interval[0]) / 2
         text += f" ± {half:.4f}" if abs(half) >= 1e-3 else f" ± {half:.1e}"
@@ -186,16 +186,12 @@ def _fmt(v, interval=None) -> str:
 # Executing
 
 
-def execute(plan: Plan, store: Store, force: bool = False, sweep: str = "",
-            force_train: bool = False) -> tuple[list[dict], list]:
+def execute(plan: Plan, store: Store, force: bool = False, sweep: str = "") -> tuple[list[dict], list]:
     """Train and evaluate what is missing through the launcher, then mirror every record
-    to MLflow from this process.  ``force``: the plan's evaluation points are recomputed
-    from their checkpoints; ``force_train``: its trainings too (``_forget``).  Returns the
-    records that exist and what failed (``benchmark.launch.Failure``: each failed training
-    and evaluation point)."""
+    to MLflow from this process.  Returns the records that exist and what failed
+    (``benchmark.launch.Failure``: each failed training and evaluation point)."""
     from benchmark.launch import check_feature_networks, launch
 
-    force = force or force_train
     if force or not all(store.has_eval(ev.train_key, ev.key) for ev in plan.evaluations):
         check_feature_networks(plan.trainings, store)  # a bad Inception file fails now, not after training
     torchrun = _torchrun_world() > 1  # torchrun: every rank runs this; rank 0 leads
@@ -203,7 +199,7 @@ def execute(plan: Plan, store: Store, force: bool = False, sweep: str = "",
     if dist is None or dist.is_main():
         if force:
             for job in plan.trainings:
-                _forget(store, job, [ev for ev in plan.evaluations if ev.train_key == job.key], force_train)
+                _forget(store, job, [ev for ev in plan.evaluations if ev.train_key == job.key])
         for job in plan.trainings:
             prepare_run_folder(store, job)
     if dist is not None:
@@ -217,17 +213,6 @@ def execute(plan: Plan, store: Store, force: bool = False, sweep: str = "",
     records = collect(plan, store)
     mirror(plan, store, sweep)
     return records, failed
-
-
-def prepare_run_folder(store: Store, job: TrainingJob) -> None:
-    """The run folder's ``config.json``: the training identity and, for a run about to
-    train, the git commit of the code that trains it (MLflow's source tags)."""
-    if not store.is_trained(job.key):
-        from benchmark.tracking import source_info
-
-        store.write_config(job.key, {"identity": job.identity, "source": source_info()})
-    elif store.read_config(job.key) is None:  # moved aside as corrupt: the identity is known
-        store.write_config(job.key, {"identity": job.identity})
 
 
 def _torchrun_world() -> int:
@@ -267,48 +252,13 @@ def collect(plan: Plan, store: Store) -> list[dict]:
     return [r for r in records if r is not None]
 
 
-def mirror(plan: Plan, store: Store, sweep: str = "") -> None:
-    """Mirror finished trainings and evaluations to MLflow (idempotent; never fatal)."""
-    from benchmark.tracking import Tracker
-
-    trackers: dict[tuple, Tracker] = {}
-    for job in plan.trainings:
-        if not (job.config.tracking.enabled and store.is_trained(job.key)):
-            continue
-        tracker = trackers.setdefault(tuple(vars(job.config.tracking).values()),
-                                      Tracker(job.config.tracking, store, sweep))
-        records = [store.read_record(store.eval_path(ev.train_key, ev.key))
-                   for ev in plan.evaluations if ev.train_key == job.key]
-        tracker.mirror_run(job.key, job.identity, [r for r in records if r is not None])
-
-
-def _forget(store: Store, job: TrainingJob, evals: list[EvalJob], train: bool) -> None:
-    """``--force``: drop the requested evaluation records and sample grids of this training
-    (its checkpoint stays: they are recomputed from it).  ``--force-train`` (``train``):
-    also its checkpoints, EMA snapshots, curve and summary, so it trains again from step 0,
-    and every other evaluation of it, which measured the checkpoint that is gone: those
-    are removed (said in one line) and their MLflow runs deleted.  The MLflow runs of the
-    recomputed points and of the training are updated in place when mirrored."""
-    for ev in evals:
-        for path in (store.eval_path(ev.train_key, ev.key, ev.rung), store.grid_path(ev.train_key, ev.key)):
-            path.unlink(missing_ok=True)
-    if not train:
-        return
-    run = store.run_dir(job.key)
-    for path in (store.state_path(job.key), store.final_path(job.key), run / "summary.json", run / "curve.csv",
-                 *store.ema_snapshot_paths(job.key), *run.glob("rungs/*.json"), *run.glob("samples/*.png")):
+def _forget(store: Store, job: TrainingJob, evals: list[EvalJob]) -> None:
+    """--force: drop this training's checkpoints and the requested evaluation records (their
+    MLflow runs are replaced when the new records are mirrored: their digests differ)."""
+    for path in (store.state_path(job.key), store.final_path(job.key)):
         path.unlink(missing_ok=True)
-    stale = sorted(p.stem for p in run.glob("evals/*.json"))
-    for key in stale:
-        store.eval_path(job.key, key).unlink(missing_ok=True)
-    if stale:
-        print(f"notice: --force-train removed {len(stale)} evaluation(s) of training {job.key} that this "
-              f"command does not recompute (they measured the old checkpoint): {', '.join(stale)}; a "
-              f"command naming them computes them again")
-        if job.config.tracking.enabled:
-            from benchmark.tracking import Tracker
-
-            Tracker(job.config.tracking, store).forget_evaluations(stale)
+    for ev in evals:
+        store.eval_path(ev.train_key, ev.key).unlink(missing_ok=True)
 
 
 def report_failures(plan: Plan, failures: list, recorded: int) -> None:
@@ -376,8 +326,7 @@ def _main(argv: list[str]) -> int:
         print(f"collected {len(records)} of {len(plan.evaluations)} evaluation(s); {missing} missing")
         return 0
     start = time.perf_counter()
-    records, failures = execute(plan, store, force="--force" in flags, sweep=" ".join(overrides),
-                                 force_train="--force-train" in flags)
+    records, failures = execute(plan, store, force="--force" in flags, sweep=" ".join(overrides))
     if records:
         print(format_table(records))
     if _follower():

@@ -65,8 +65,9 @@ def sync_studies(store: Store, cfg: TrackingConfig) -> tuple[int, str]:
     the count logged and, when the tracking store failed, why ("" otherwise)."""
     count = 0
     for meta_path in sorted((store.root / "tune").glob("*/study.json")):
+        # optuna only when there are studies
         from benchmark.store import read_record
-        from benchmark.tune import mirror_finished_trials  # optuna only when there are studies
+        from benchmark.tuning.mirror import mirror_finished_trials
 
         meta = read_record(meta_path, ("study", "storage"), then="its trials are not mirrored")
         if meta is None:

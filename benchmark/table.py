@@ -24,66 +24,42 @@ import io
 import json
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from benchmark.catalog import DATASETS
+from benchmark.metrics import registry
 from benchmark.schema import UserError
 from benchmark.store import atomic_write_bytes
 
 # ----------------------------------------------------------------------------------------
-# Metric facts shared by the tables, the plots and the notebook
+# Metric facts shared by the tables, the plots and the notebook: read from the one metric
+# registry (benchmark.metrics.registry), per dataset through its metric suite.
 
-
-@dataclass(frozen=True)
-class MetricInfo:
-    label: str          # heading in tables and plots
-    lower_is_better: bool | None  # None: not a score (a floor, a moment); never marked best
-
-
-METRICS: dict[str, MetricInfo] = {
-    "fd_matched":   MetricInfo("FD@297", True),
-    "fd":           MetricInfo("FD", True),
-    "kid":          MetricInfo("KID", True),
-    "class_acc":    MetricInfo("class acc", False),
-    "memorized":    MetricInfo("memorised", None),
-    "sw2":          MetricInfo("SW2", True),
-    "swd":          MetricInfo("SWD", True),
-    "mmd":          MetricInfo("MMD", True),
-    "mean_err":     MetricInfo("mean error", True),
-    "std_err":      MetricInfo("std error", True),
-    "precision":    MetricInfo("precision", False),
-    "recall":       MetricInfo("recall", False),
-    "fd_floor":     MetricInfo("FD@297 floor", None),
-    "kid_floor":    MetricInfo("KID floor", None),
-}  # fmt: skip
-
-# The headline metric of each metric suite (benchmark.catalog.DatasetInfo.metric).
-QUALITY_METRIC = {"digits": "fd_matched", "toy": "sw2", "fid": "fd"}
-# The metrics worth a comparison table, per suite, headline first.  ``memorized`` is a
-# diagnostic (no better direction), shown beside the scores.
-TABLE_METRICS = {"digits": ("fd_matched", "fd", "kid", "class_acc", "memorized"), "toy": ("sw2", "swd", "mmd"),
-                 "fid": ("fd", "kid", "precision", "recall")}
-FLOORS = {"fd_matched": "fd_floor", "kid": "kid_floor"}
+FLOORS = registry.FLOORS
 """The floor of a perfect generator for a metric, measured the same way (digits)."""
 
 
-def metric_info(name: str) -> MetricInfo:
-    return METRICS.get(name, MetricInfo(name, None))
+def metric_info(name: str) -> registry.Metric:
+    """The metric's heading (``label``), ``lower_is_better`` (None: never marked best) and format."""
+    return registry.metric(name)
+
+
+def _suite(data: str) -> str:
+    info = DATASETS.get(data)
+    return info.metric if info else ""
 
 
 def quality_metric(data: str) -> str:
-    """The headline metric name of a dataset (``fd`` for digits, ``swd`` for toys)."""
-    info = DATASETS.get(data)
-    return QUALITY_METRIC.get(info.metric if info else "", "fd")
+    """The headline metric name of a dataset (``fd_matched`` for digits, ``sw2`` for toys)."""
+    return registry.headline(_suite(data))
 
 
 def table_metrics(data: str) -> tuple[str, ...]:
-    info = DATASETS.get(data)
-    return TABLE_METRICS.get(info.metric if info else "", ("fd",))
+    """The metrics worth a comparison table for a dataset, headline first."""
+    return registry.table_metrics(_suite(data)) or ("fd",)
 
 
 # ----------------------------------------------------------------------------------------

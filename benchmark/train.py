@@ -167,7 +167,7 @@ def load_state(path: Path, device: torch.device) -> dict:
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise UserError(f"checkpoint {path} is unreadable ({type(err).__name__}); expected a "
                         f"state written by this suite: delete it to restart the run from step 0 "
-                        f"(or rerun with --force-train)") from None
+                        f"(or rerun with --force)") from None
 
 
 # ----------------------------------------------------------------------------------------
@@ -277,7 +277,7 @@ def _train_locked(job: TrainingJob, store: Store, stop_after: int | None, rank: 
     tick = time.perf_counter()
     with PreemptionAtStepEnd() as preemption:
         for step in range(start, tc.steps):
-            loss = _train_step(t, opt, params, tc, cfg.seed, step, micro, size)
+            loss = train_step(t, opt, params, tc, cfg.seed, step, micro, size)
             window.append(loss)
             bar.update(1)
             if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
@@ -313,7 +313,7 @@ def _train_locked(job: TrainingJob, store: Store, stop_after: int | None, rank: 
     return t
 
 
-def _train_step(t: Trainee, opt, params, tc: TrainConfig, seed: int, step: int,
+def train_step(t: Trainee, opt, params, tc: TrainConfig, seed: int, step: int,
                 micro: range, size: int) -> float:
     """One optimizer step over this process's micro-batches ``micro`` (``size`` examples
     each); returns the global batch's mean loss (the same on every rank)."""

@@ -76,7 +76,7 @@ def test_a_preemption_warning_saves_the_exact_step_and_the_requeued_run_matches_
         seen.append(signum)
         raise SystemExit(-1)
 
-    step_fn = engine._train_step
+    step_fn = engine.train_step
 
     def step_with_warning(t, opt, params, tc, seed, step, micro, size):
         if step == 7:
@@ -84,7 +84,7 @@ def test_a_preemption_warning_saves_the_exact_step_and_the_requeued_run_matches_
         return step_fn(t, opt, params, tc, seed, step, micro, size)
 
     previous = signal.signal(signal.SIGUSR2, submitit_like)
-    monkeypatch.setattr(engine, "_train_step", step_with_warning)
+    monkeypatch.setattr(engine, "train_step", step_with_warning)
     preempted = Store(tmp_path / "preempted")
     try:
         with pytest.raises(SystemExit):

@@ -1,20 +1,23 @@
 """Backbone registry: the model-size axis.  ``build_backbone`` is the one constructor the
-engine uses; the family comes from the model config, the size from its name."""
+engine uses; the family comes from the model config, the size from its name (the sizes are
+registered in :mod:`benchmark.backbones.sizes`).  Importing the package is torch-free."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
+from benchmark.backbones.sizes import dit_sizes
 from benchmark.schema import ModelConfig, UserError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def _build_dit(model: ModelConfig, shape, num_classes, slots, options) -> nn.Module:
-    from benchmark.backbones.dit import DIT_SIZES, build_dit
+    from benchmark.backbones.dit import build_dit
 
-    if model.name not in DIT_SIZES:
-        raise UserError(f"unknown model '{model.name}'; expected one of: {', '.join(DIT_SIZES)}")
+    if model.name not in dit_sizes():
+        raise UserError(f"unknown model '{model.name}'; expected one of: {', '.join(dit_sizes())}")
     if len(shape) != 3:
         raise UserError(f"model={model.name} needs image data (C, H, W), got shape {shape}")
     opts = {"conditioning_mode": model.conditioning_mode, **options}

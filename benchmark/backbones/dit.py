@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmark.backbones.embed import ConditionEmbedder, ScalarEmbedder, sinusoidal
+from benchmark.backbones.sizes import dit_sizes
 from benchmark.backbones.tangent import (
     layer_norm_with_tangent,
     layer_with_tangent,
@@ -660,15 +661,8 @@ def _prefix_counts(
 # ----------------------------------------------------------------------------------------
 # Size registry
 
-DIT_SIZES: dict[str, dict[str, Any]] = {
-    "dit-tiny":      dict(hidden=64,   depth=4,  heads=4,  patch_size=2),  # 8x8 digits on CPU, ~0.33M on 8x8x1
-    "dit-small-cpu": dict(hidden=128,  depth=6,  heads=4,  patch_size=2),  # CPU, ~1.9M
-    "dit-s":         dict(hidden=384,  depth=12, heads=6,  patch_size=2),  # DiT-S/2, ~33M
-    "dit-b":         dict(hidden=768,  depth=12, heads=12, patch_size=2),  # DiT-B/2, ~130M
-    "dit-l":         dict(hidden=1024, depth=24, heads=16, patch_size=2),  # DiT-L/2, ~458M
-    "dit-xl":        dict(hidden=1152, depth=28, heads=16, patch_size=2),  # DiT-XL/2, ~675M
-}  # fmt: skip
-"""Model-size axis.  Parameter counts (adaLN, 32x32x4 latents, 1000 classes, one slot)
+DIT_SIZES: dict[str, dict[str, Any]] = dit_sizes()
+"""Model-size axis, from the registry in ``benchmark.backbones.sizes``.  Parameter counts (adaLN, 32x32x4 latents, 1000 classes, one slot)
 match DiT's Table 1 up to its learned-sigma output channels; ``in_context`` drops the
 adaLN linears (dit-b: 88M, close to iMF's B/2 89M)."""
 
@@ -684,14 +678,15 @@ def build_dit(
 ) -> DiT:
     """A DiT of a registered ``size``; ``overrides`` replace any other constructor
     option (``conditioning_mode``, ``aux_depth``, ``patch_size``, ...)."""
-    if size not in DIT_SIZES:
-        raise ValueError(f"unknown model size '{size}'; expected one of {tuple(DIT_SIZES)}")
+    sizes = dit_sizes()
+    if size not in sizes:
+        raise ValueError(f"unknown model size '{size}'; expected one of {tuple(sizes)}")
     fixed = {"self", "in_channels", "image_size", "num_classes", "slots"}
     allowed = set(inspect.signature(DiT.__init__).parameters) - fixed
     unknown = sorted(set(overrides) - allowed)
     if unknown:
         raise ValueError(f"unknown DiT option(s) {unknown}; expected some of {sorted(allowed)}")
-    options = {**DIT_SIZES[size], **overrides}
+    options = {**sizes[size], **overrides}
     return DiT(
         in_channels=in_channels,
         image_size=image_size,

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from benchmark.data import Dataset
+from benchmark.metrics.features import dataset_features, uint8_features
 from benchmark.schema import UserError
 from benchmark.store import atomic_write_bytes
 
@@ -70,13 +71,12 @@ def reference_features(dataset: Dataset, extractor: Any, options: Any,
                        cache_dir: Path) -> tuple[np.ndarray, dict[str, Any]]:
     """Features (N, D) of the reference images and the record of what they are.
 
-    ``extractor`` and ``options`` are :class:`benchmark.metrics.fid.Extractor` and
-    :class:`~benchmark.metrics.fid.FidOptions`.  The returned dict (for the evaluation
+    ``extractor`` and ``options`` are :class:`benchmark.metrics.features.Extractor` and
+    :class:`~benchmark.metrics.features.FidOptions`.  The returned dict (for the evaluation
     record) holds the identity, ``of`` (the split's size), ``cache`` (the file, relative to
     ``cache_dir``), ``cached`` (reused or computed now) and ``seconds`` spent computing.
     """
     from benchmark.data.latents import decode_latents
-    from benchmark.metrics.fid import dataset_features
 
     images = reference_split(dataset, options.reference_split)
     index = reference_subset(len(images), options.num_reference)
@@ -94,7 +94,6 @@ def reference_batch(extractor: Any, options: Any, cache_dir: Path
     """An ADM reference batch (``options.reference``, :mod:`benchmark.metrics.reference_batch`):
     (features (N, D) of its ``arr_0`` images or None, its ``mu``/``sigma`` as float64 or None,
     the record of what it is).  The images' features are cached like a split's."""
-    from benchmark.metrics.fid import uint8_features
     from benchmark.metrics.inception import file_digest
     from benchmark.metrics.reference_batch import locate_reference_batch
 
