@@ -1,8 +1,9 @@
 """Choosing, labelling and pooling the rows a comparison compares (torch-free): the layer
 under both the report's tables (``benchmark.report``) and its plots (``benchmark.plots``).
 
-- :func:`reported_rows` / :func:`at_unit_guidance`: which evaluations a table reads (the
-  reported evaluation seed; omega = 1 where guidance is swept);
+- :func:`reported_rows` / :func:`at_reference`: which evaluations a table reads (the
+  reported evaluation seed; every swept evaluation axis but the table's own held at its
+  reference: omega = 1, the default EMA);
 - :func:`variant_labels` / :func:`aggregate`: one row per configuration, seeds pooled, with
   a 95% interval (Student's t over seeds, or the evaluation's own bootstrap interval);
 - :func:`cost_axis` / :func:`pareto_front`: quality against a counted cost;
@@ -21,6 +22,8 @@ from benchmark.table import COST_AXES, config_columns
 
 REPORTED_EVAL_SEED = EvalConfig().seed
 """The evaluation seed tables report; any other evaluation seed only chooses guidance."""
+DEFAULT_EMA = EvalConfig().ema
+"""The evaluation weights (sigma_rel of the post-hoc EMA) a table reads where EMA is swept."""
 
 
 def method_rank(name: str) -> tuple[int, str]:
@@ -50,20 +53,27 @@ def short_value(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def variant_labels(df: pd.DataFrame, axes: set[str]) -> pd.Series:
-    """``method`` plus every setting that varies within that method, except the axes.
+def varying_fields(df: pd.DataFrame, axes: set[str]) -> dict[str, list[str]]:
+    """Per method: the settings that vary between its rows, except the axes (an axis ending
+    in "." names a prefix: "model." drops every model.* column)."""
+    skip = axes | {"method", "nfe_counted"}
+    prefixes = tuple(a for a in axes if a.endswith("."))
+    return {method: [c for c in config_columns(rows) if c not in skip and not (prefixes and c.startswith(prefixes))
+                     and rows[c].astype(str).nunique(dropna=False) > 1]
+            for method, rows in df.groupby("method", sort=False)}
+
+
+def variant_labels(df: pd.DataFrame, axes: set[str], name=str) -> pd.Series:
+    """``method`` plus every setting that varies within that method, except the axes, each
+    as ``name(column)=value``.
 
     Two rows share a label exactly when they differ only in the axes (and seeds).
     """
-    skip = axes | {"method", "nfe_counted"}
+    fields = varying_fields(df, axes)
     labels = pd.Series("", index=df.index, dtype=object)
-    for method, rows in df.groupby("method", sort=False):
-        prefixes = tuple(a for a in axes if a.endswith("."))  # "model." drops every model.* column
-        varying = [c for c in config_columns(rows) if c not in skip and not (prefixes and c.startswith(prefixes))
-                   and rows[c].astype(str).nunique(dropna=False) > 1]
-        for i, row in rows.iterrows():
-            extra = ", ".join(f"{c}={short_value(row[c])}" for c in varying)
-            labels[i] = f"{method} ({extra})" if extra else str(method)
+    for i, row in df.iterrows():
+        extra = ", ".join(f"{name(c)}={short_value(row[c])}" for c in fields[row["method"]])
+        labels[i] = f"{row['method']} ({extra})" if extra else str(row["method"])
     return labels
 
 
@@ -121,6 +131,45 @@ def at_unit_guidance(df: pd.DataFrame) -> pd.DataFrame:
         return df
     unit = df[df["guidance"].astype(float) == 1.0]
     return unit if not unit.empty else df
+
+
+def at_default_ema(df: pd.DataFrame) -> pd.DataFrame:
+    """Where the selection sweeps the evaluation weights (``eval.ema=raw,0.05,0.1``), the rows
+    at the default sigma_rel (:data:`DEFAULT_EMA`); a selection at one setting, or without a
+    row at the default, keeps every row."""
+    if "eval.ema" not in df.columns or df["eval.ema"].astype(str).nunique() < 2:
+        return df
+    default = df[df["eval.ema"].astype(str) == str(DEFAULT_EMA)]
+    return default if not default.empty else df
+
+
+def at_reference(df: pd.DataFrame, keep: set[str] = frozenset()) -> pd.DataFrame:
+    """The rows a table or plot over the axes ``keep`` reads: every other swept evaluation
+    axis held at its reference (``guidance`` at omega = 1, ``eval.ema`` at the default), so
+    that each varying axis has a table of its own and no table mixes in another's rows."""
+    if "guidance" not in keep:
+        df = at_unit_guidance(df)
+    if "eval.ema" not in keep:
+        df = at_default_ema(df)
+    return df
+
+
+def ema_order(values) -> list:
+    """EMA settings in reading order: ``raw`` first, then sigma_rel from short to long."""
+    def key(v):
+        try:
+            return (1, float(v))
+        except (TypeError, ValueError):
+            return (0, 0.0)
+    return sorted(dict.fromkeys(values), key=key)
+
+
+def ema_text(value) -> str:
+    """``raw weights`` or ``EMA σ_rel 0.1``."""
+    try:
+        return f"EMA σ_rel {float(value):g}"
+    except (TypeError, ValueError):
+        return "raw weights" if str(value) == "raw" else f"EMA {value}"
 
 
 def cost_axis(df: pd.DataFrame, wanted: str = "") -> str:

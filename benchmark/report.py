@@ -37,8 +37,9 @@ from benchmark.compare import (
     COST_AXES,
     REPORTED_EVAL_SEED,
     aggregate,
-    at_unit_guidance,
+    at_reference,
     cost_axis,
+    ema_order,
     method_rank,
     model_order,
     pareto_front,
@@ -65,7 +66,8 @@ USAGE = ("usage: python -m benchmark.report [column=value[,value...] ...] [resul
 OPTIONS = ("results_dir", "out", "notebook_dir", "metric", "cost", "readme")
 KINDS = {"method_nfe": "Method × NFE", "guidance": "Guidance scale sweeps",
          "best_guidance": "Best guidance scale (chosen on a separate evaluation seed)",
-         "model_size": "Model-size scaling", "pareto": "Quality vs. sampling cost (Pareto front)"}
+         "model_size": "Model-size scaling", "ema": "Evaluation weights (raw vs. post-hoc EMA)",
+         "pareto": "Quality vs. sampling cost (Pareto front)"}
 
 
 # ----------------------------------------------------------------------------------------
@@ -336,10 +338,16 @@ def method_nfe_tables(df: pd.DataFrame, metrics: list[str]) -> list[Table]:
     return tables
 
 
+AXIS_NAMES = {"guidance": ("guidance scale", "ω"), "model": ("model size", "model"), "eval.ema": ("EMA", "EMA")}
+
+
 def axis_tables(df: pd.DataFrame, metrics: list[str], axis: str, kind: str) -> list[Table]:
-    """Guidance sweeps (axis ``guidance``) or model-size scaling (axis ``model``) per data."""
+    """Guidance sweeps (axis ``guidance``), model-size scaling (axis ``model``) or the
+    evaluation weights (axis ``eval.ema``: raw vs. post-hoc EMA) per data."""
     tables = []
-    by = ["data", "model"] if axis == "guidance" else ["data"]
+    if axis not in df.columns:
+        return tables
+    by = ["data"] if axis == "model" else ["data", "model"]
     axes = {axis, "nfe"} | ({"model."} if axis == "model" else set())
     groups = [(g if isinstance(g, tuple) else (g,), part) for g, part in df.groupby(by)]
     for group, part in sorted(groups, key=lambda g: size_key(df, g[0]) if len(g[0]) > 1 else g[0]):
@@ -353,13 +361,14 @@ def axis_tables(df: pd.DataFrame, metrics: list[str], axis: str, kind: str) -> l
             continue
         agg = _sorted_rows(agg, ["nfe"])
         agg["row"] = agg["label"] + " @ NFE " + agg["nfe"].astype(str)
-        cols = model_order(agg) if axis == "model" else sorted(agg[axis].unique())
+        cols = (model_order(agg) if axis == "model" else ema_order(agg[axis]) if axis == "eval.ema"
+                else sorted(agg[axis].unique()))
         for metric in (m for m in metrics if f"metric.{m}" in agg.columns and agg[f"metric.{m}"].notna().any()):
             col = f"metric.{metric}"
             where = " · ".join(map(str, group))
-            title = f"{where} · {_metric_title(metric)} by {'guidance scale' if axis == 'guidance' else 'model size'}"
-            t = pivot_table(_as_metric(agg, col, metric), metric, "row",
-                            axis, cols, kind, title, "method @ NFE", "ω" if axis == "guidance" else "model")
+            name, short = AXIS_NAMES[axis]
+            title = f"{where} · {_metric_title(metric)} by {name}"
+            t = pivot_table(_as_metric(agg, col, metric), metric, "row", axis, cols, kind, title, "method @ NFE", short)
             t.meta.update(data=group[0])
             tables.append(t)
     return tables
@@ -414,12 +423,15 @@ def best_guidance(df: pd.DataFrame, metric: str, lower_is_better: bool) -> pd.Da
     return pd.DataFrame(rows)
 
 
-def best_guidance_tables(df: pd.DataFrame) -> list[Table]:
+def best_guidance_tables(df: pd.DataFrame, metric: str = "") -> list[Table]:
     """Per (data, model): each guided variant at omega = 1 and at its best omega, chosen on
-    the selection evaluation seeds and reported at the default one."""
-    tables = []
+    the selection evaluation seeds and reported at the default one (on ``metric``, else
+    the dataset's headline metric)."""
+    tables, wanted = [], metric
     for (data, model), part in df.groupby(["data", "model"], sort=True):
-        metric = quality_metric(data)
+        metric = metric_for(data, wanted, part)
+        if not metric:
+            continue
         lower = metric_info(metric).lower_is_better is not False
         best = best_guidance(part, metric, lower)
         if best.empty:
@@ -443,14 +455,23 @@ def _cost_text(value: float, axis: str) -> str:
     return f"{value:g}" if axis == "nfe_counted" else f"{value:.3g}" if axis != "sec_per_sample" else f"{value:.2e}"
 
 
-def pareto_tables(df: pd.DataFrame, cost: str = "") -> list[Table]:
-    """Per dataset: every configuration's quality against its cost (:func:`cost_axis`)."""
-    tables = []
+def metric_for(data: str, wanted: str, part: pd.DataFrame) -> str:
+    """``wanted`` (the report's ``metric=``) or the dataset's headline metric; "" when the
+    rows do not hold it."""
+    metric = wanted or quality_metric(data)
+    col = f"metric.{metric}"
+    return metric if col in part.columns and part[col].notna().any() else ""
+
+
+def pareto_tables(df: pd.DataFrame, cost: str = "", metric: str = "") -> list[Table]:
+    """Per dataset: every configuration's quality (``metric``, else the dataset's headline
+    metric) against its cost (:func:`cost_axis`)."""
+    tables, wanted = [], metric
     for data, part in df.groupby("data", sort=True):
-        metric = quality_metric(data)
-        col = f"metric.{metric}"
-        if col not in part.columns or part[col].isna().all():
+        metric = metric_for(data, wanted, part)
+        if not metric:
             continue
+        col = f"metric.{metric}"
         axis = cost_axis(part, cost)
         # nfe_counted is a setting (pooled as one), the other costs are values to average
         values = list(dict.fromkeys([col, *(c for c in (axis, "sec_per_sample") if c not in config_columns(part))]))
@@ -480,11 +501,14 @@ def comparisons(df: pd.DataFrame, metric: str = "", cost: str = "") -> dict[str,
     reported = reported_rows(df)
     for data, part in reported.groupby("data", sort=True):
         metrics = [metric] if metric else list(table_metrics(data))
-        out["method_nfe"] += method_nfe_tables(at_unit_guidance(part), metrics)
-        out["guidance"] += axis_tables(part, metrics, "guidance", "guidance")
-        out["model_size"] += axis_tables(part, metrics, "model", "model_size")
-    out["best_guidance"] = best_guidance_tables(df)
-    out["pareto"] = pareto_tables(reported, cost)
+        # one table per varying axis: every other swept evaluation axis at its reference
+        out["method_nfe"] += method_nfe_tables(at_reference(part), metrics)
+        out["guidance"] += axis_tables(at_reference(part, {"guidance"}), metrics, "guidance", "guidance")
+        out["model_size"] += axis_tables(at_reference(part), metrics, "model", "model_size")
+        out["ema"] += axis_tables(at_reference(part, {"eval.ema"}), metrics, "eval.ema", "ema")
+    out["best_guidance"] = best_guidance_tables(at_reference(df, {"guidance"}), metric)
+    # guidance changes the cost (CFG doubles the passes): a point of the front, not a variant
+    out["pareto"] = pareto_tables(at_reference(reported, {"guidance"}), cost, metric)
     return out
 
 
@@ -545,6 +569,9 @@ def write_summary(tables: dict[str, list[Table]], plots: list[Path], out: Path, 
     for line in floors:
         lines += [line, ""]
     lines += [f"![{p.stem}](plots/{p.name})" for p in plots]
+    if plots:
+        lines += ["", f"Each figure is also in vector form for papers: `plots/<name>.pdf` and `plots/<name>.svg`; "
+                      f"the PNGs are {plots_dpi()} dpi."]
     path = out / "report.md"
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
     return path
@@ -554,16 +581,16 @@ README_BLOCK_METRICS = ("class_acc", "memorized")
 """Shown in a README block beside each dataset's quality metric."""
 
 
-def readme_block(tables: dict[str, list[Table]], floors: list[str], command: str) -> str:
-    """The Markdown a README block holds: each dataset's quality-metric and class-accuracy /
-    memorisation tables by NFE, its quality metric over guidance where swept, the
-    best-guidance tables, the floors, and the command."""
+def readme_block(tables: dict[str, list[Table]], floors: list[str], command: str, metric: str = "") -> str:
+    """The Markdown a README block holds: each dataset's quality-metric (``metric``, else the
+    headline) and class-accuracy / memorisation tables by NFE, its quality metric over
+    guidance where swept, the best-guidance tables, the floors, and the command."""
     parts = [f"<!-- generated by `{command}`; do not edit by hand -->", ""]
     for t in tables["method_nfe"]:
-        if t.meta["metric"] in (quality_metric(t.meta["data"]), *README_BLOCK_METRICS):
+        if t.meta["metric"] in (metric or quality_metric(t.meta["data"]), *README_BLOCK_METRICS):
             parts += [f"**{t.title}**", "", t.to_markdown(), "", f"_{t.note}_", ""]
     for t in tables["guidance"]:
-        if t.meta["metric"] == quality_metric(t.meta["data"]):
+        if t.meta["metric"] == (metric or quality_metric(t.meta["data"])):
             parts += [f"**{t.title}**", "", t.to_markdown(), "", f"_{t.note}_", ""]
     for t in tables["best_guidance"]:
         parts += [f"**{t.title}**", "", t.to_markdown(), "", f"_{t.note}_", ""]
@@ -744,18 +771,26 @@ def run(opts: Options) -> dict:
     if opts.readme:
         command = " ".join(["python -m benchmark.report", *opts.argv])
         result["readme"] = update_readme(REPO / "README.md", opts.readme,
-                                         readme_block(tables, floor_lines(selection), command))
+                                         readme_block(tables, floor_lines(selection), command, opts.metric))
     return result
+
+
+def plots_dpi() -> int:
+    from benchmark.plots import DPI
+
+    return DPI
 
 
 def publish(summary: Path, figures: list[Path], target: Path) -> Path:
     """Copy the summary and its plots into ``target`` (``reports/``, tracked), where the
-    README shows them: ``benchmark_report.md`` and ``benchmark_report_figures/*.png``.
-    Only with ``--publish``: a plain report run writes nothing outside the results folder."""
+    README shows them: ``benchmark_report.md`` and ``benchmark_report_figures/*.png`` with
+    their ``.pdf`` and ``.svg`` twins.  Only with ``--publish``: a plain report run writes
+    nothing outside the results folder."""
     folder = target / "benchmark_report_figures"
-    for path in figures:
+    copies = [p.with_suffix(ext) for p in figures for ext in (".png", ".pdf", ".svg")]
+    for path in (p for p in copies if p.is_file()):
         atomic_write_bytes(folder / path.name, path.read_bytes())
-    for stale in set(folder.glob("*.png")) - {folder / p.name for p in figures}:
+    for stale in {p for ext in ("png", "pdf", "svg") for p in folder.glob(f"*.{ext}")} - {folder / p.name for p in copies}:
         stale.unlink()
     text = summary.read_text().replace("](plots/", f"]({folder.name}/")
     atomic_write_bytes(target / "benchmark_report.md", text.encode())

@@ -37,8 +37,9 @@ from benchmark.table import quality_metric, read_table
 
 
 def show(fig) -> None:
-    """Embed a figure as PNG whatever the matplotlib backend (benchmark.plots uses Agg)."""
-    display(Image(data=plots.figure_png(fig), format="png"))
+    """Embed a figure as PNG whatever the matplotlib backend (benchmark.plots uses Agg), at
+    the report's 200 dpi shown at half its pixel width (sharp on high-density screens)."""
+    display(Image(data=plots.figure_png(fig), format="png", retina=True))
 
 
 # %% tags=["parameters"]
@@ -99,22 +100,24 @@ if not others:
     display(Markdown("_Only the headline metric was selected._"))
 
 # %% [markdown]
-# ## Guidance scale and model size
+# ## Guidance scale, model size and evaluation weights
 #
-# Shown only where the selection sweeps them. Where evaluation guidance is swept the
-# Method × NFE tables read every method at ω = 1; a guided method's best ω is chosen on a
-# separate evaluation seed (same checkpoints, fresh sample noise) and scored at the
-# reported one, so the choice does not fit the reported draw.
+# Shown only where the selection sweeps them; each swept axis has tables of its own, and
+# every other table holds it at its reference: ω = 1 and the default post-hoc EMA
+# (σ_rel 0.1). A guided method's best ω is chosen on a separate evaluation seed (same
+# checkpoints, fresh sample noise) and scored at the reported one, so the choice does not
+# fit the reported draw. In the plots, solid lines are EMA weights and dashed lines raw
+# weights.
 
 # %%
-for kind in ("guidance", "best_guidance", "model_size"):
+for kind in ("guidance", "best_guidance", "model_size", "ema"):
     for t in tables[kind]:
         display(HTML(t.to_html()))
 for name, fig in figs.items():
     if "_vs_guidance__" in name or "_vs_model_size__" in name:
         show(fig)
-if not tables["guidance"] and not tables["model_size"]:
-    display(Markdown("_The selection has a single guidance scale and a single model size per dataset._"))
+if not tables["guidance"] and not tables["model_size"] and not tables["ema"]:
+    display(Markdown("_The selection has a single guidance scale, model size and EMA setting per dataset._"))
 
 # %% [markdown]
 # ## Quality against sampling cost

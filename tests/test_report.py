@@ -252,9 +252,18 @@ def test_pareto_front_keeps_exactly_the_points_nothing_beats_on_cost_and_quality
 @pytest.mark.parametrize("cost", ["nfe_counted", "train_flops", "sec_per_sample"])
 def test_the_cost_axis_can_be_counted_passes_training_flops_or_seconds(results: Path, tmp_path: Path,
                                                                        cost: str) -> None:
-    assert report.main([f"results_dir={results}", f"out={tmp_path}", f"cost={cost}", "--no-notebook"]) == 0
+    from benchmark import plots
+    from benchmark.table import COST_AXES
+
+    if cost == "nfe_counted":  # the command line once; the other axes through the same functions (cheaper)
+        assert report.main([f"results_dir={results}", f"out={tmp_path}", f"cost={cost}", "--no-notebook"]) == 0
+    else:
+        report.write_tables(report.comparisons(read_table(rebuild(results)), cost=cost), tmp_path)
     [table] = report.pareto_tables(read_table(rebuild(results)), cost)
     assert table.meta["cost"] == cost and cost in pd.read_csv(tmp_path / "pareto.csv").columns
+    fig = plots.quality_vs_cost(read_table(rebuild(results)), "sw2", cost)
+    assert fig.axes[0].get_xlabel() == COST_AXES[cost]
+    plt_close(fig)
 
 
 def test_an_unknown_cost_axis_is_one_line_and_exit_2(results: Path, tmp_path: Path, capsys) -> None:
@@ -291,6 +300,79 @@ def test_model_size_table_appears_when_two_sizes_were_evaluated(results: Path) -
         marked = [r[0] for r, b in zip(swd.rows, swd.bold) if b[j]]
         assert marked in ([], [numbers[model].idxmin()])
     assert report.axis_tables(table, ["swd"], "model", "model_size") == []
+
+
+def _digits_rows() -> pd.DataFrame:
+    """Rows as the results table holds them for a digits sweep at 3000 steps: fm over NFE
+    1..16 (also at ω = 2 for NFE 1, 2) and meanflow at two training ω over NFE 1..4, each
+    with raw and EMA weights; FD@297 falls from 40 to near its floor 0.369 (two decades)."""
+    rows = []
+
+    def add(method: str, nfe: int, ema: str, fd: float, guidance: float = 1.0, omega: float = np.nan) -> None:
+        fd *= 1.1 if ema == "raw" else 1.0
+        counted = nfe * (2 if guidance != 1 else 1)
+        kid = fd / 50 - 0.002
+        rows.append({"method": method, "model": "dit-tiny", "data": "digits", "seed": 0, "nfe": nfe,
+                     "nfe_counted": float(counted), "guidance": guidance, "eval.ema": ema, "eval.seed": 2024,
+                     "train.steps": 3000, "method.omega": omega,
+                     "metric.fd_matched": fd, "metric.fd_matched_lo": 0.95 * fd, "metric.fd_matched_hi": 1.05 * fd,
+                     "metric.kid": kid, "metric.kid_lo": kid - 0.001, "metric.kid_hi": kid + 0.001,
+                     "metric.fd_floor": 0.369, "metric.fd_floor_lo": -0.15, "metric.fd_floor_hi": 0.89,
+                     "sample_flops": 6.8e6 * counted, "sec_per_sample": 1e-3 * counted, "grid": None,
+                     "train_key": f"{method}{omega}", "eval_key": f"{method}{omega}{nfe}{ema}{guidance}"})
+
+    for ema in ("raw", "0.1"):
+        for nfe in (1, 2, 4, 8, 16):
+            add("fm", nfe, ema, 40 / nfe ** 1.3 + 0.5)
+        for nfe in (1, 2):
+            add("fm", nfe, ema, 0.8 * (40 / nfe ** 1.3 + 0.5), guidance=2.0)
+        for omega in (1.0, 2.0):
+            for nfe in (1, 2, 4):
+                add("meanflow", nfe, ema, 1.5 / omega + 0.1 * nfe, omega=omega)
+    return pd.DataFrame(rows)
+
+
+def test_each_varying_axis_has_its_own_table_and_the_others_hold_it_at_its_reference() -> None:
+    """Guidance and EMA rows never mix into the Method × NFE table: it reads ω = 1 and the
+    default EMA; the guidance table reads the default EMA, the EMA table ω = 1."""
+    tables = report.comparisons(_digits_rows(), "fd_matched")
+    [nfe_table] = tables["method_nfe"]
+    assert [r[0] for r in nfe_table.rows] == ["fm", "meanflow (method.omega=1)", "meanflow (method.omega=2)"]
+    assert nfe_table.numbers[(nfe_table.numbers["row"] == "fm") & (nfe_table.numbers["nfe"] == 1)]["mean"].tolist() \
+        == pytest.approx([40.5])  # ω = 1, EMA 0.1 (raw would read 44.55, ω = 2 32.4)
+    [guidance] = tables["guidance"]
+    assert guidance.header == ["method @ NFE", "ω 1", "ω 2"] and [r[0] for r in guidance.rows] == ["fm @ NFE 1",
+                                                                                                    "fm @ NFE 2"]
+    assert guidance.numbers["mean"].tolist() == pytest.approx([40.5, 32.4, 40 / 2 ** 1.3 + 0.5,
+                                                               0.8 * (40 / 2 ** 1.3 + 0.5)])
+    [ema] = tables["ema"]
+    assert ema.header == ["method @ NFE", "EMA raw", "EMA 0.1"] and len(ema.rows) == 11
+    assert ema.numbers.pivot(index="row", columns="eval.ema", values="mean").eval("raw / `0.1`").tolist() \
+        == pytest.approx([1.1] * 11)
+    [pareto] = tables["pareto"]
+    assert len(pareto.rows) == 13  # every configuration at the default EMA, guided ones included
+    assert tables["model_size"] == []
+
+
+def test_the_chosen_metric_is_used_by_every_table_and_plot_the_pareto_ones_included() -> None:
+    from benchmark import plots
+
+    df = _digits_rows()
+    tables = report.comparisons(df, "kid")
+    assert {t.meta["metric"] for kind in tables.values() for t in kind} == {"kid"}
+    [pareto] = tables["pareto"]
+    assert "KID" in pareto.title and "FD" not in pareto.title and "metric.kid" in pareto.numbers.columns
+    figs = plots.figures(df, pd.DataFrame(columns=["train_key"]), Path("."), "kid")
+    assert sorted(figs) == ["kid_vs_cost__digits", "kid_vs_guidance__digits", "kid_vs_nfe__digits"]
+    for fig in figs.values():
+        assert {ax.get_ylabel() for ax in fig.axes} - {""} == {"KID (lower is better)"}
+        plt_close(fig)
+
+
+def plt_close(fig) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------
@@ -360,9 +442,72 @@ def test_plots_are_written_for_nfe_cost_curves_and_samples(built: dict) -> None:
                      "sw2_vs_nfe__gaussian1d.png", "training_curves__gaussian1d.png"]
     for name in names:
         pixels = np.asarray(Image.open(plots / name).convert("L"), dtype=float)
-        assert pixels.shape[0] > 200 and pixels.shape[1] > 300 and pixels.std() > 10, name
+        assert pixels.shape[0] > 400 and pixels.shape[1] > 600 and pixels.std() > 10, name
     summary = (built["out"] / "report.md").read_text()
     assert "![sw2_vs_nfe__gaussian1d](plots/sw2_vs_nfe__gaussian1d.png)" in summary
+
+
+def svg_legend(svg: Path) -> list[str]:
+    """The legend entries of a matplotlib SVG (text kept as text: ``svg.fonttype: none``)."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(svg).getroot()
+    legends = [g for g in root.iter("{http://www.w3.org/2000/svg}g") if g.get("id", "").startswith("legend")]
+    return ["".join(t.itertext()).strip() for g in legends for t in g.iter("{http://www.w3.org/2000/svg}text")]
+
+
+def test_every_figure_is_a_png_of_at_least_200_dpi_beside_a_pdf_and_an_svg_with_a_short_legend(
+        built: dict) -> None:
+    from PIL import Image
+
+    from benchmark import plots
+
+    pngs = sorted((built["out"] / "plots").glob("*.png"))
+    assert len(pngs) == 4
+    for png in pngs:
+        dpi = Image.open(png).info["dpi"]
+        assert min(dpi) >= 199.5, (png.name, dpi)  # pHYs stores dots per metre: 200 reads 199.9994
+        assert png.with_suffix(".pdf").read_bytes().startswith(b"%PDF-")
+        svg = png.with_suffix(".svg")
+        assert svg.read_text().lstrip().startswith("<?xml") and "<text" in svg.read_text()
+        legend = svg_legend(svg)
+        assert len(legend) <= 6 and all(len(line) <= plots.LABEL_WIDTH for line in legend), (png.name, legend)
+    assert svg_legend(built["out"] / "plots" / "sw2_vs_nfe__gaussian1d.svg") == ["fm", "meanflow"]
+    assert svg_legend(built["out"] / "plots" / "sw2_vs_cost__gaussian1d.svg") == ["fm", "meanflow", "Pareto front"]
+
+
+def test_legend_names_the_method_and_only_what_varies_ema_is_line_style_and_the_rest_a_caption() -> None:
+    from benchmark import plots
+
+    fig = plots.quality_vs_nfe(_digits_rows(), "fd_matched")
+    assert plots.legend_texts(fig) == ["fm", "meanflow (omega=1)", "meanflow (omega=2)", "raw weights",
+                                       "EMA σ_rel 0.1"]
+    title, note = (t.get_text() for t in fig.texts)
+    assert title == "digits: FD@297 vs NFE"
+    assert note.startswith("dit-tiny · 3000 steps · ω = 1 · ") and "solid: EMA weights, dashed: raw weights" in note
+    [ax] = fig.axes
+    series = [line for line in ax.get_lines() if line.get_marker() == "o" and line.get_linestyle() != "None"]
+    styles = sorted((line.get_linestyle(), line.get_markerfacecolor() == "white") for line in series)
+    assert styles == [("-", False)] * 3 + [("--", True)] * 3  # 3 series x (EMA solid, raw dashed hollow)
+    plt_close(fig)
+
+
+def test_a_value_axis_is_log_only_where_it_spans_more_than_a_decade_and_the_floor_is_a_labelled_line() -> None:
+    from benchmark import plots
+
+    wide = _digits_rows()
+    fig = plots.quality_vs_nfe(wide, "fd_matched")
+    [ax] = fig.axes
+    assert ax.get_yscale() == "log" and ax.get_xscale() == "log"  # FD@297 0.37..45, NFE 1..16
+    floors = [line for line in ax.get_lines() if list(line.get_ydata()) == [0.369, 0.369]]
+    assert len(floors) == 1 and [t.get_text() for t in ax.texts] == ["real-data floor 0.369"]
+    plt_close(fig)
+    narrow = wide[(wide["nfe"] <= 4) & (wide["method"] == "meanflow")].drop(columns="metric.fd_floor")
+    fig = plots.quality_vs_nfe(narrow, "fd_matched")
+    [ax] = fig.axes
+    assert ax.get_yscale() == "linear" and ax.get_xscale() == "linear" and len(ax.texts) == 0  # 0.85..1.98, NFE 1..4
+    plt_close(fig)
+    assert plots.spans_decades([1, 10.5]) and not plots.spans_decades([1, 10]) and not plots.spans_decades([-1, 50])
 
 
 def test_notebook_runs_headless_into_a_self_contained_html(built: dict, results: Path) -> None:
@@ -433,13 +578,50 @@ def colourful(pixels: np.ndarray) -> int:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
-def test_report_html_opens_in_headless_chromium_showing_the_table_and_the_plot(built: dict, tmp_path: Path) -> None:
+def test_report_html_opens_in_headless_chromium_showing_the_tables_and_every_figure(built: dict,
+                                                                                 tmp_path: Path) -> None:
     html = built["notebooks"] / "benchmark_report.html"
-    pixels = screenshot(html.resolve().as_uri(), tmp_path / "report.png")
+    page = html.read_text()
+    figures = len(list((built["out"] / "plots").glob("*.png")))
+    assert page.count("<img") == page.count('src="data:image/png;base64,') == figures  # every figure, once
+    pixels = screenshot(html.resolve().as_uri(), tmp_path / "report.png", size="1200,6000")
+    assert pixels.shape == (6000, 1200, 3)
     dark = int((pixels.max(axis=2) < 90).sum())  # text: headings and the table's numbers
     assert pixels.std() > 20
     assert dark > 5_000, "no text rendered"
-    assert colourful(pixels) > 1_000, "no plot rendered (no coloured lines or markers)"
+    # every figure drawn: a band of coloured pixels (lines, markers) per figure down the page
+    rows = np.flatnonzero(((pixels.max(axis=2) - pixels.min(axis=2)) > 80).sum(axis=1) > 3)
+    bands = 1 + int((np.diff(rows) > 60).sum()) if len(rows) else 0
+    assert bands >= figures, f"{bands} coloured band(s) for {figures} figures"
+
+
+GALLERY_CELL = (640, 420)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
+def test_every_vector_figure_renders_in_headless_chromium_each_in_its_own_region(built: dict,
+                                                                                 tmp_path: Path) -> None:
+    """The SVGs on one page, a fixed cell each: the screenshot has the page's size and
+    every cell holds a drawn figure (text, and coloured lines or points)."""
+    svgs = sorted((built["out"] / "plots").glob("*.svg"))
+    w, h = GALLERY_CELL
+    cells = "".join(f"<img src='{svg.resolve().as_uri()}' style='position:absolute;left:{(i % 2) * w}px;"
+                    f"top:{(i // 2) * h}px;width:{w}px;height:{h}px;object-fit:contain'>"
+                    for i, svg in enumerate(svgs))
+    page = tmp_path / "gallery.html"
+    page.write_text(f"<!DOCTYPE html><html><body style='margin:0;background:#fff'>{cells}</body></html>")
+    rows = (len(svgs) + 1) // 2
+    pixels = screenshot(page.as_uri(), tmp_path / "gallery.png", "--allow-file-access-from-files",
+                        size=f"{2 * w},{rows * h}")
+    assert pixels.shape == (rows * h, 2 * w, 3)
+    for i, svg in enumerate(svgs):
+        cell = pixels[(i // 2) * h:(i // 2 + 1) * h, (i % 2) * w:(i % 2 + 1) * w]
+        assert cell.std() > 15 and int((cell.min(axis=2) < 200).sum()) > 5_000, f"{svg.name} is blank"
+        assert int((cell.max(axis=2) < 90).sum()) > 500, f"{svg.name} has no text"
+        if not svg.name.startswith("samples__"):  # sample grids are the samples' own colours
+            assert colourful(cell) > 150, f"{svg.name} has no coloured lines or points"
+    if len(svgs) % 2:  # the empty cell stays white: the checks above see figures, not the page
+        assert pixels[(rows - 1) * h:, w:].std() < 1
 
 
 def test_a_readme_block_is_regenerated_between_its_markers_and_only_there(built: dict, results: Path,
