@@ -235,9 +235,11 @@ def method_yaml(name: str) -> str:
     spec = get_spec(name)
     doc = sys.modules[spec.__class__.__module__].__doc__ or name
     indent = "  " if spec.train_defaults else ""
+    declared = [c.__module__.replace(".", "/") + ".py" for c in reversed(spec.Config.__mro__)
+                if "__dataclass_fields__" in vars(c) and vars(c).get("__annotations__")]
     lines = [f"# {name}: {doc.strip().splitlines()[0]}",
-             f"# Fields are declared in methods/specs/{name}.py; [train] fields change the checkpoint,",
-             "# [eval] fields are evaluation axes that reuse it."]
+             f"# Generated from {' and '.join(declared)} by `python -m benchmark.config`.",
+             "# [train] fields change the checkpoint, [eval] fields are evaluation axes that reuse it."]
     if spec.train_defaults:
         lines = ["# @package _global_", *lines, "method:"]
     lines.append(f"{indent}name: {name}")
@@ -255,14 +257,31 @@ def _yaml_value(value) -> str:
 
 
 def write_method_yamls(argv: list[str]) -> int:
-    """Rewrite configs/method/<name>.yaml for every registered method from its spec."""
+    """Rewrite configs/method/<name>.yaml for every registered method from its spec
+    (atomically); remove the YAML of a method no spec declares any more."""
+    from benchmark.store import atomic_write_bytes
     from methods.specs import METHOD_NAMES
 
     if argv:
         raise UserError(f"unexpected argument {argv[0]!r}; python -m benchmark.config takes none (see --help)")
+    folder = CONFIG_DIR / "method"
     for method_name in METHOD_NAMES:
-        (CONFIG_DIR / "method" / f"{method_name}.yaml").write_text(method_yaml(method_name))
+        path, text = folder / f"{method_name}.yaml", method_yaml(method_name)
+        if not path.is_file() or path.read_text() != text:
+            atomic_write_bytes(path, text.encode())
+            print(f"wrote {path.relative_to(CONFIG_DIR.parent)}")
+    for stale in sorted(set(group_choices("method")) - set(METHOD_NAMES)):
+        (folder / f"{stale}.yaml").unlink()
+        print(f"removed configs/method/{stale}.yaml (no methods/specs/{stale}.py declares it)")
     return 0
+
+
+METHOD_YAML_HELP = """usage: python -m benchmark.config
+
+Regenerate configs/method/<name>.yaml from the method specs (methods/specs/<name>.py): every
+config field with its default, its axis ([train] or [eval]) and its help, plus the method's
+training defaults.  Run it after adding a method or changing a spec; tests/test_contract.py
+fails while a YAML and its spec disagree."""
 
 
 if __name__ == "__main__":  # python -m benchmark.config: rewrite configs/method/*.yaml
@@ -270,5 +289,4 @@ if __name__ == "__main__":  # python -m benchmark.config: rewrite configs/method
 
     from benchmark.cli import entry
 
-    sys.exit(entry(write_method_yamls, None, "usage: python -m benchmark.config\n\n"
-                   "Rewrite configs/method/<name>.yaml from the method specs (methods/specs/<name>.py)."))
+    sys.exit(entry(write_method_yamls, None, METHOD_YAML_HELP))

@@ -1,4 +1,4 @@
-"""Run a benchmark sweep: ``python -m benchmark.run key=value ... [--dry-run] [--force]``.
+"""Run a benchmark sweep: ``python -m benchmark.run key=value ... [--dry-run] [--force | --force-train]``.
 
 Overrides use Hydra's grammar; a comma list (or ``choice(...)``, ``range(...)``) sweeps.
 Each distinct training configuration trains once; every evaluation point reuses its
@@ -27,7 +27,7 @@ from benchmark.plan import EvalJob, Plan, TrainingJob, plan_points, provisional
 from benchmark.schema import UserError
 from benchmark.store import Store
 
-USAGE = "usage: python -m benchmark.run [--config FILE] [key=value ...] [--dry-run] [--force] [--help]"
+USAGE = "usage: python -m benchmark.run [--config FILE] [key=value ...] [--dry-run] [--force] [--force-train] [--help]"
 
 
 def help_text() -> str:
@@ -42,7 +42,9 @@ def help_text() -> str:
               "  results_dir=DIR  where runs, records and the MLflow store live (default results/)",
               "  tracking.enabled=false   do not mirror to MLflow", "",
               "flags:", "  --dry-run  print the resolved plan (cached or missing per row) and exit",
-              "  --force    recompute the requested points even if cached",
+              "  --force    recompute the requested evaluation points, reusing their checkpoints",
+              "  --force-train  retrain the requested checkpoints and recompute the requested points;",
+              "                 other evaluations of those checkpoints are removed (stale)",
               "  --collect  gather and print whatever has finished, launching nothing",
               "  --config FILE  start from the overrides in FILE (e.g. benchmark.tune's best.yaml);",
               "                 key=value arguments win over the file's",
@@ -75,7 +77,7 @@ def parse_args(argv: list[str]) -> tuple[list[str], set[str]]:
     return overrides, flags
 
 
-FLAGS = ("--dry-run", "--force", "--collect")
+FLAGS = ("--dry-run", "--force", "--force-train", "--collect")
 
 
 # ----------------------------------------------------------------------------------------
@@ -186,12 +188,16 @@ def _fmt(v, interval=None, info=None) -> str:
 # Executing
 
 
-def execute(plan: Plan, store: Store, force: bool = False, sweep: str = "") -> tuple[list[dict], list]:
+def execute(plan: Plan, store: Store, force: bool = False, sweep: str = "",
+            force_train: bool = False) -> tuple[list[dict], list]:
     """Train and evaluate what is missing through the launcher, then mirror every record
-    to MLflow from this process.  Returns the records that exist and what failed
-    (``benchmark.launch.Failure``: each failed training and evaluation point)."""
+    to MLflow from this process.  ``force``: the plan's evaluation points are recomputed
+    from their checkpoints; ``force_train``: its trainings too (``_forget``).  Returns the
+    records that exist and what failed (``benchmark.launch.Failure``: each failed training
+    and evaluation point)."""
     from benchmark.launch import check_feature_networks, launch
 
+    force = force or force_train
     if force or not all(store.has_eval(ev.train_key, ev.key) for ev in plan.evaluations):
         check_feature_networks(plan.trainings, store)  # a bad Inception file fails now, not after training
     torchrun = _torchrun_world() > 1  # torchrun: every rank runs this; rank 0 leads
@@ -199,7 +205,7 @@ def execute(plan: Plan, store: Store, force: bool = False, sweep: str = "") -> t
     if dist is None or dist.is_main():
         if force:
             for job in plan.trainings:
-                _forget(store, job, [ev for ev in plan.evaluations if ev.train_key == job.key])
+                _forget(store, job, [ev for ev in plan.evaluations if ev.train_key == job.key], force_train)
         for job in plan.trainings:
             prepare_run_folder(store, job)
     if dist is not None:
@@ -252,13 +258,33 @@ def collect(plan: Plan, store: Store) -> list[dict]:
     return [r for r in records if r is not None]
 
 
-def _forget(store: Store, job: TrainingJob, evals: list[EvalJob]) -> None:
-    """--force: drop this training's checkpoints and the requested evaluation records (their
-    MLflow runs are replaced when the new records are mirrored: their digests differ)."""
-    for path in (store.state_path(job.key), store.final_path(job.key)):
-        path.unlink(missing_ok=True)
+def _forget(store: Store, job: TrainingJob, evals: list[EvalJob], train: bool) -> None:
+    """``--force``: drop the requested evaluation records and sample grids of this training
+    (its checkpoint stays: they are recomputed from it).  ``--force-train`` (``train``):
+    also its checkpoints, EMA snapshots, curve and summary, so it trains again from step 0,
+    and every other evaluation of it, which measured the checkpoint that is gone: those
+    are removed (said in one line) and their MLflow runs deleted.  The MLflow runs of the
+    recomputed points and of the training are updated in place when mirrored."""
     for ev in evals:
-        store.eval_path(ev.train_key, ev.key).unlink(missing_ok=True)
+        for path in (store.eval_path(ev.train_key, ev.key, ev.rung), store.grid_path(ev.train_key, ev.key)):
+            path.unlink(missing_ok=True)
+    if not train:
+        return
+    run = store.run_dir(job.key)
+    for path in (store.state_path(job.key), store.final_path(job.key), run / "summary.json", run / "curve.csv",
+                 *store.ema_snapshot_paths(job.key), *run.glob("rungs/*.json"), *run.glob("samples/*.png")):
+        path.unlink(missing_ok=True)
+    stale = sorted(p.stem for p in run.glob("evals/*.json"))
+    for key in stale:
+        store.eval_path(job.key, key).unlink(missing_ok=True)
+    if stale:
+        print(f"notice: --force-train removed {len(stale)} evaluation(s) of training {job.key} that this "
+              f"command does not recompute (they measured the old checkpoint): {', '.join(stale)}; a "
+              f"command naming them computes them again")
+        if job.config.tracking.enabled:
+            from benchmark.tracking import Tracker
+
+            Tracker(job.config.tracking, store).forget_evaluations(stale)
 
 
 def report_failures(plan: Plan, failures: list, recorded: int) -> None:
@@ -326,7 +352,8 @@ def _main(argv: list[str]) -> int:
         print(f"collected {len(records)} of {len(plan.evaluations)} evaluation(s); {missing} missing")
         return 0
     start = time.perf_counter()
-    records, failures = execute(plan, store, force="--force" in flags, sweep=" ".join(overrides))
+    records, failures = execute(plan, store, force="--force" in flags, sweep=" ".join(overrides),
+                                 force_train="--force-train" in flags)
     if records:
         print(format_table(records))
     if _follower():

@@ -1,12 +1,13 @@
-"""Step-cost benchmark: each method's training step time and peak memory as a ratio to
-Flow Matching's, measured in one run on the same backbone and batch.
+"""Step-cost benchmark: each method's training step time and peak memory as a ratio to the
+baseline's (the method whose spec sets ``step_cost_baseline``), measured in one run on the
+same backbone and batch.
 
     python -m benchmark.stepcost [--model dit-tiny] [--batch 128] [--steps 20] [--device cpu]
     python -m benchmark.stepcost --shape 4,32,32 --batch 32     # ImageNet-256 latent shape
     python -m benchmark.stepcost --precision bf16 --compile      # the GPU configuration
 
 Beside each measured time the table gives the counted training FLOPs per step
-(``benchmark.flops``) and their ratio to Flow Matching's, which is machine-independent;
+(``benchmark.flops``) and their ratio to the baseline's, which is machine-independent;
 ``first step s`` is the warm-up step (with ``--compile``: the compilation time).
 
 By default the step trains on the digits default (8x8, 16 patch tokens at patch 2).
@@ -21,6 +22,11 @@ allocator's peak; on the CPU the growth of the process's peak resident set over 
 state after model construction and one warm-up step.  Methods are measured in rounds,
 interleaved, and the median step time is reported, so a passing load spike on a shared
 machine hits every method alike.
+
+The rows come from the method registry: every method, then each method's
+``step_cost_variants`` (overrides such as ``model.conditioning_mode=in_context``), as rows
+named ``<method>+<value>``.  ``--methods`` picks rows; ``<method>+<key>=<value>`` measures a
+method under any one override.  The baseline is always measured (first, if not asked for).
 """
 
 from __future__ import annotations
@@ -38,23 +44,44 @@ from benchmark.cli import entry
 from benchmark.schema import UserError
 
 VARIANT_SEP = "+"
-"""``<method>+in_context`` measures a method on the in-context backbone (prefix tokens,
-gated blocks) instead of the default adaLN one; without a target (it shows what the
-backbone costs)."""
+"""``<method>+<value>`` is a row that measures a method under one override of its spec's
+``step_cost_variants`` (the override whose value is ``<value>``), without a target: it shows
+what that choice costs."""
+
+
+def variant_rows(name: str) -> list[str]:
+    """The extra rows a method's spec asks for: ``<name>+<value>`` per declared override."""
+    from methods.specs import get_spec
+
+    return [f"{name}{VARIANT_SEP}{o.partition('=')[2]}" for o in get_spec(name).step_cost_variants]
 
 
 def default_rows() -> list[str]:
     """Every registered method (so a new method is measured without editing this file),
-    then the in-context variants of Flow Matching and iMF."""
+    then the variants their specs declare."""
     from methods.specs import METHOD_NAMES
 
-    return [*METHOD_NAMES, f"fm{VARIANT_SEP}in_context", f"imf{VARIANT_SEP}in_context"]
+    return [*METHOD_NAMES, *(row for name in METHOD_NAMES for row in variant_rows(name))]
 
 
 def split_row(row: str) -> tuple[str, list[str]]:
-    """``imf+in_context`` -> ("imf", ["model.conditioning_mode=in_context"])."""
-    name, _, mode = row.partition(VARIANT_SEP)
-    return name, ([f"model.conditioning_mode={mode}"] if mode else [])
+    """``imf+in_context`` -> ("imf", ["model.conditioning_mode=in_context"]) from iMF's
+    declared variants; ``scm+model.conditioning_mode=in_context`` -> that override as given.
+    A KeyError names an unknown method or variant."""
+    from methods.specs import get_spec
+
+    name, _, variant = row.partition(VARIANT_SEP)
+    declared = get_spec(name).step_cost_variants
+    if not variant:
+        return name, []
+    if "=" in variant:
+        return name, [variant]
+    for override in declared:
+        if override.partition("=")[2] == variant:
+            return name, [override]
+    shown = ", ".join(row for row in variant_rows(name)) or "none"
+    raise KeyError(f"{name} declares no step-cost variant '{variant}'; expected one of: {shown} "
+                   f"(or {name}+<key>=<value> for any override)")
 
 
 def target(row: str) -> float | None:
@@ -107,12 +134,13 @@ def measure(method: str, model: str, batch: int, steps: int, device: str, thread
             "params": sum(p.numel() for p in t.net.parameters())}
 
 
-def main(argv: list[str] | None = None) -> int:
-    class Parser(argparse.ArgumentParser):
-        def error(self, message: str):  # one line and exit 2 under the shared policy, not argparse's usage
-            raise UserError(f"{message}; expected the options of python -m benchmark.stepcost --help")
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one "error:" line and exit 2 (benchmark.cli), not usage + exit
+        raise UserError(f"{message}; see python -m benchmark.stepcost --help")
 
-    parser = Parser(description=__doc__.splitlines()[0])
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m benchmark.stepcost", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--model", default="dit-tiny")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
@@ -120,30 +148,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--methods", default="", help="comma list of rows (default: every registered method, "
-                        "then fm+in_context,imf+in_context)")
+                        "then the variants their specs declare, e.g. imf+in_context; "
+                        "<method>+<key>=<value> measures a method under any one override)")
     parser.add_argument("--shape", default="", help="C,H,W: measure on random inputs of this shape")
     parser.add_argument("--compile", action="store_true", help="train.compile=true (warm-up time = compile time)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="train.precision")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     parser.add_argument("--_data", default="", help=argparse.SUPPRESS)
+    return parser
 
-    def body(argv: list[str]) -> int:
-        args = parser.parse_args(argv)
-        for name, least in (("batch", 1), ("steps", 1), ("rounds", 1), ("threads", 0)):
-            if getattr(args, name) < least:
-                raise UserError(f"--{name} {getattr(args, name)} is out of range; expected an integer >= {least}")
-        if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
-            raise UserError(f"--device {args.device!r} is not a device; expected cpu, cuda or cuda:N")
-        if args._worker:
-            data = json.loads(args._data) if args._data else None
-            print(json.dumps(measure(args._worker, args.model, args.batch, args.steps, args.device,
-                                     args.threads, data, train_overrides(args))))
-            return 0
-        shape = _parse_shape(args.shape) if args.shape else None
-        with tempfile.TemporaryDirectory(prefix="stepcost-") as folder:
-            return _run(args, _random_latents(shape, Path(folder)) if shape else [])
 
-    return entry(body, argv, parser.format_help)
+def main(argv: list[str] | None = None) -> int:
+
+    return entry(_main, argv, lambda: _parser().format_help())
+
+
+def _main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args._worker:
+        data = json.loads(args._data) if args._data else None
+        print(json.dumps(measure(args._worker, args.model, args.batch, args.steps, args.device,
+                                 args.threads, data, train_overrides(args))))
+        return 0
+    shape = _parse_shape(args.shape) if args.shape else None
+    with tempfile.TemporaryDirectory(prefix="stepcost-") as folder:
+        return _run(args, _random_latents(shape, Path(folder)) if shape else [])
 
 
 def train_overrides(args) -> list[str]:
@@ -172,12 +201,17 @@ def _random_latents(shape: tuple[int, int, int], folder: Path) -> list[str]:
 
 
 def _run(args, data: list[str]) -> int:
+    from methods.specs import step_cost_baseline
+
+    base = step_cost_baseline()
     methods = args.methods.split(",") if args.methods else default_rows()
     for row in methods:
         try:
             target(row)
         except KeyError as err:
             raise UserError(f"--methods {row}: {err.args[0]}") from None
+    if base not in methods:  # every ratio divides by it
+        methods = [base, *methods]
     times: dict[str, list[float]] = {m: [] for m in methods}
     peaks: dict[str, list[int]] = {m: [] for m in methods}
     flops: dict[str, int] = {}
@@ -198,18 +232,19 @@ def _run(args, data: list[str]) -> int:
             peaks[m].append(out["peak_bytes"])
             flops[m] = out["flops"]
             warmup[m] = max(warmup.get(m, 0.0), out["warmup"])
-            params = out["params"] if m == "fm" else params
+            params = out["params"] if m == base else params
     median = {m: sorted(v)[len(v) // 2] for m, v in times.items()}
     peak = {m: max(v) for m, v in peaks.items()}
     where = f"random {args.shape} inputs" if args.shape else "digits 1x8x8"
     print(f"step cost on {args.device}, {where}, model {args.model} ({params / 1e6:.2f}M params), batch {args.batch}, "
-          f"{args.precision}{', compiled' if args.compile else ''}, {args.rounds} rounds x {args.steps} steps, medians")
+          f"{args.precision}{', compiled' if args.compile else ''}, {args.rounds} rounds x {args.steps} steps, medians; "
+          f"ratios to {base}")
     print("| method | ms/step | time ratio | target | GFLOP/step | FLOP ratio | peak MiB | memory ratio | first step s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for m in methods:
-        ratio = median[m] / median["fm"] if "fm" in median else float("nan")
-        mem = peak[m] / peak["fm"] if "fm" in peak and peak["fm"] > 0 else float("nan")
-        flop_ratio = flops[m] / flops["fm"] if "fm" in flops else float("nan")
+        ratio = median[m] / median[base]
+        mem = peak[m] / peak[base] if peak[base] > 0 else float("nan")
+        flop_ratio = flops[m] / flops[base]
         goal = target(m)
         verdict = "-" if goal is None else f"<= {goal}x " + ("ok" if ratio <= goal else "OVER")
         print(f"| {m} | {1000 * median[m]:.1f} | {ratio:.2f}x | {verdict} | {flops[m] / 1e9:.2f} | "

@@ -18,7 +18,14 @@ idempotent under any interleaving of drivers, kills and reruns:
   store, the experiment's artifact location is moved to the copy's own ``mlartifacts/``
   (runs copied with it follow), so the copy never writes into the original folder;
 * a run carries ``record_digest``, a hash of the record it mirrors: a record computed
-  again (``--force``, or after a corrupt one was moved aside) replaces its run.
+  again (``--force``, ``--force-train``, or after a corrupt one was moved aside) updates its
+  run in place, the same run id, its digest written last so a mirror killed half-way
+  updates it again: never a second run for one key.  On the folder's own sqlite store the
+  old metric values are dropped first (the run holds exactly the new record); on a server,
+  which has no call to delete metric values, the new values are logged after the old ones
+  (the latest values, the ones tables show, are the record's).  A run whose record was
+  removed (``--force-train`` drops the stale evaluations of the old checkpoint) is deleted,
+  and restored, then updated, if that point is computed again.
 
 Layout: one parent run per training (its whole resolved config as parameters, the loss and
 learning-rate curve, the dataset as an ``mlflow.data`` input) with one nested run per
@@ -295,39 +302,62 @@ class Tracker:
         return (f"MLflow {what} failed at {self.uri} ({reason}); the records are on disk under {root}: "
                 f"mirror them later with `python -m benchmark.sync results_dir={root} tracking.uri={self.uri}`")
 
-    def _find(self, tags: dict[str, str]):
-        """The active run with these tags (a FINISHED one first, then the oldest), or None."""
+    def _search(self, tags: dict[str, str], view=None) -> list:
         from mlflow.entities import ViewType
 
         query = " and ".join(f"tags.{k} = {_quoted(v)}" for k, v in tags.items())
-        runs = self._client.search_runs([self._experiment_id], query, run_view_type=ViewType.ACTIVE_ONLY,
+        return self._client.search_runs([self._experiment_id], query, run_view_type=view or ViewType.ACTIVE_ONLY,
                                         max_results=20, order_by=["attributes.start_time ASC"])
-        finished = [r for r in runs if r.info.status != "RUNNING"]
-        return (finished or runs or [None])[0]
+
+    def _find(self, tags: dict[str, str]):
+        """The run with these tags: an active one (a FINISHED one first, then the oldest),
+        else a deleted one (restored by ``_ensure``), or None."""
+        from mlflow.entities import ViewType
+
+        runs = self._search(tags, ViewType.ALL)
+        return min(runs, key=lambda r: (r.info.lifecycle_stage == "deleted", r.info.status == "RUNNING"),
+                   default=None)
 
     def _ensure(self, spec: RunSpec, kind: str) -> str:
         """The run ``spec`` describes: found by its tags, else created with them; filled and
-        finished unless it was complete already.  A run holding an older record is replaced."""
+        finished unless it was complete already.  A run holding an older record (another
+        digest) is updated in place; a deleted one is restored first."""
         client = self._client
-        found, replaced = self._find(spec.find), None
-        if found is not None and found.data.tags.get(DIGEST_TAG, spec.digest) != spec.digest:
-            replaced, found = found.info.run_id, None
-            client.delete_run(replaced)  # the record was computed again: its old run goes
-        if found is not None and found.info.status != "RUNNING":
-            return found.info.run_id
-        tags = {**spec.find, **spec.tags, DIGEST_TAG: spec.digest}
+        found = self._find(spec.find)
         if found is None:
+            tags = {**spec.find, **spec.tags, DIGEST_TAG: spec.digest}
             run_id = client.create_run(self._experiment_id, start_time=spec.start_ms, tags=tags,
                                        run_name=spec.name).info.run_id
             self._fill(run_id, spec, {})
-        else:  # left RUNNING by a mirror that was killed: fill it again and finish it
-            run_id = found.info.run_id
-            self._fill(run_id, spec, tags)
+            client.set_terminated(run_id, status=spec.status, end_time=spec.end_ms)
+            self.logged[kind] += 1
+            return run_id
+        run_id, info = found.info.run_id, found.info
+        stale = found.data.tags.get(DIGEST_TAG, spec.digest) != spec.digest
+        if not stale and info.status != "RUNNING" and info.lifecycle_stage != "deleted":
+            return run_id
+        if info.lifecycle_stage == "deleted":
+            client.restore_run(run_id)
+        if stale:
+            self._clear(run_id, spec.start_ms)
+        # filled again (left RUNNING by a killed mirror, or holding an older record); the
+        # digest goes last: a mirror killed before it leaves the run to be updated again
+        self._fill(run_id, spec, {**spec.find, **spec.tags})
+        client.set_tag(run_id, DIGEST_TAG, spec.digest)
         client.set_terminated(run_id, status=spec.status, end_time=spec.end_ms)
-        if replaced:
-            self._adopt_children(replaced, run_id)
         self.logged[kind] += 1
         return run_id
+
+    def _clear(self, run_id: str, start_ms: int) -> None:
+        """Before a run is updated with a new record: on the folder's own sqlite store, drop
+        its metric values and set its start to the new record's (a server keeps them)."""
+        if not (self.local and self.store.mlflow_db().is_file()):
+            return
+        with sqlite3.connect(self.store.mlflow_db(), timeout=120) as con:
+            for table in ("metrics", "latest_metrics"):
+                con.execute(f"DELETE FROM {table} WHERE run_uuid = ?", (run_id,))
+            con.execute("UPDATE runs SET start_time = ? WHERE run_uuid = ?", (start_ms, run_id))
+        con.close()
 
     def _fill(self, run_id: str, spec: RunSpec, tags: dict[str, str]) -> None:
         from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
@@ -349,14 +379,6 @@ class Tracker:
         with tempfile.TemporaryDirectory() as folder:
             for path, where in spec.artifacts:
                 client.log_artifact(run_id, str(readable_grid(path, Path(folder))), artifact_path=where)
-
-    def _adopt_children(self, old: str, new: str) -> None:
-        """Nested runs of a replaced parent move under its replacement."""
-        from mlflow.entities import ViewType
-
-        for child in self._client.search_runs([self._experiment_id], f"tags.`mlflow.parentRunId` = '{old}'",
-                                              run_view_type=ViewType.ACTIVE_ONLY, max_results=1000):
-            self._client.set_tag(child.info.run_id, "mlflow.parentRunId", new)
 
     # -- public --------------------------------------------------------------------------
     def log_training(self, train_key: str, identity: dict, summary: dict, source: dict | None = None) -> str | None:
@@ -380,6 +402,17 @@ class Tracker:
         parent = self.log_training(train_key, identity, self.store.read_final_summary(train_key),
                                    config.get("source"))
         return parent is not None and all(self.log_evaluation(parent, r, identity) is not None for r in records)
+
+    def forget_evaluations(self, eval_keys: list[str]) -> None:
+        """Delete the runs of evaluation records that were removed (``--force-train``: they
+        measured a checkpoint that is gone); a run comes back if its point is computed again."""
+        def delete() -> None:
+            for key in eval_keys:
+                for run in self._search({"kind": "evaluation", "eval_key": key}):
+                    self._client.delete_run(run.info.run_id)
+
+        if eval_keys:
+            self._safely("deletion of stale evaluations", delete)
 
     def check(self) -> bool:
         """Open the store (creating it if new); False, with ``problem`` set, if it is unusable."""
@@ -413,7 +446,7 @@ class StudyTracker(Tracker):
         """The trial's run is in MLflow and finished (False when tracking is off or down)."""
         def finished() -> bool:
             run = self._find(self._trial_tags(number))
-            return run is not None and run.info.status != "RUNNING"
+            return run is not None and run.info.status != "RUNNING" and run.info.lifecycle_stage == "active"
 
         return bool(self._safely("lookup of a tuning trial", finished))
 

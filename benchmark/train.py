@@ -167,7 +167,7 @@ def load_state(path: Path, device: torch.device) -> dict:
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise UserError(f"checkpoint {path} is unreadable ({type(err).__name__}); expected a "
                         f"state written by this suite: delete it to restart the run from step 0 "
-                        f"(or rerun with --force)") from None
+                        f"(or rerun with --force-train)") from None
 
 
 # ----------------------------------------------------------------------------------------

@@ -130,3 +130,11 @@ def sample_logit_normal(
 ) -> Tensor:
     """sigmoid(N(mean, std^2)) draws, shape (n,)."""
     return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
+
+
+def fallback_noise(like: Tensor, seed: int) -> Tensor:
+    """Extra sampling noise when the caller gives no ``fresh_noise`` (ad-hoc use, never the
+    harness): a fixed-seed local generator, so the global RNG is untouched and calls repeat,
+    but the noise then depends on the batch.  Shaped like ``like``."""
+    gen = torch.Generator(device=like.device).manual_seed(seed)
+    return torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype)

@@ -34,7 +34,7 @@ def sample_time(cfg: FlowMatchingConfig, n: int, generator: torch.Generator, dev
     )
 
 
-def guided_velocity(
+def cfg_velocity(
     net: nn.Module, z: Tensor, t: Tensor, labels: Tensor, null_label: int, guidance: float
 ) -> Tensor:
     """v_u + omega (v_c - v_u), with conditional and unconditional passes in one batch.
@@ -72,7 +72,7 @@ class FlowMatching(Method):
     ) -> Tensor:
         grid = torch.linspace(1.0, 0.0, nfe + 1, device=noise.device)
         z = noise
-        velocity = lambda z, t: guided_velocity(  # noqa: E731
+        velocity = lambda z, t: cfg_velocity(  # noqa: E731
             net, z, t.expand(z.shape[0]), labels, self.null_label, guidance
         )
         for i in range(nfe):

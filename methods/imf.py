@@ -9,7 +9,7 @@ the "omega" slot as 1 - 1/omega (the imfDiT embeds that value), which maps omega
 
 Training step (official ``iMeanFlow.forward``):
 
-1. (t, r) as MeanFlow (methods/meanflow.py ``sample_time_pair``) with r = t on the first 50%.
+1. (t, r) as MeanFlow (methods/meanflow_family.py ``sample_time_pair``) with r = t on the first 50%.
 2. CFG interval t_min ~ U[0, 0.5], t_max ~ U[0.5, 1], forced to [0, 1] where r = t;
    omega ~ density omega^-beta on [1, omega_max] (beta = 1: omega = 8^U, log-uniform).
 3. v-predictions at h = 0 without gradient, in one doubled batch:
@@ -62,14 +62,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from methods.base import Batch, Method, NoiseFn, broadcast_time
+from methods.base import Batch, NoiseFn, broadcast_time
 from methods.jvp import backbone_jvp
-from methods.meanflow import (
-    adaptive_weighted_loss,
-    drop_labels_ordered,
-    sample_average_velocity,
-    sample_time_pair,
-)
+from methods.meanflow_family import MeanFlowFamily, sample_average_velocity
 from methods.specs.imf import ImprovedMeanFlowConfig, ImprovedMeanFlowSpec
 
 # ----------------------------------------------------------------------------------------
@@ -121,7 +116,7 @@ def sample_interval(
 # Target and compound velocity
 
 
-def imf_guided_velocity(v: Tensor, v_c: Tensor, v_u: Tensor, omega: Tensor) -> Tensor:
+def imf_guided_field(v: Tensor, v_c: Tensor, v_u: Tensor, omega: Tensor) -> Tensor:
     """v_g = v + (1 - 1/omega)(v_c - v_u); fields (B, *shape), omega (B,) already 1 where t
     is outside the interval."""
     return v + broadcast_time(1.0 - 1.0 / omega, v) * (v_c - v_u)
@@ -151,7 +146,7 @@ def compound_velocity(
 # The method
 
 
-class ImprovedMeanFlow(Method):
+class ImprovedMeanFlow(MeanFlowFamily):
     spec = ImprovedMeanFlowSpec()
     cfg: ImprovedMeanFlowConfig
 
@@ -167,14 +162,7 @@ class ImprovedMeanFlow(Method):
         (B, *shape); logs the loss and the per-element squared errors."""
         cfg, x = self.cfg, batch.x
         n, device = x.shape[0], x.device
-        t, r = sample_time_pair(
-            n, mean=cfg.time_mean, std=cfg.time_std, ratio_r_neq_t=cfg.ratio_r_neq_t,
-            selection=cfg.r_neq_t_selection, generator=generator, device=device,
-        )
-        t, r = t.to(x.dtype), r.to(x.dtype)
-        eps = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
-        z = (1 - broadcast_time(t, x)) * x + broadcast_time(t, x) * eps
-        v = eps - x
+        t, r, z, v = self.noisy_batch(x, generator)
         # unconditional data: no guidance (omega = 1), so the interval has no meaning; it is
         # fed as [0, 1] everywhere, as at sampling, instead of random inputs the net must
         # learn to ignore (and would meet as [0, 1] with h > 0 only at sampling)
@@ -182,14 +170,15 @@ class ImprovedMeanFlow(Method):
         t_min, t_max = sample_interval(n, cfg.interval_split, no_interval, generator, device)
         t_min, t_max = t_min.to(x.dtype), t_max.to(x.dtype)
         omega = self.sample_omega(n, generator, device).to(x.dtype)
-        v_c, v_g, y = self.training_field(net, z, t, v, batch.y, omega, t_min, t_max, generator)
+        v_g, y, v_c = self.training_field(net, z, t, v, batch.y, generator,
+                                          omega=omega, t_min=t_min, t_max=t_max)
         cond = imf_condition(t, r, omega, t_min, t_max, cfg.time_input)
         aux = cfg.v_head == "aux"
         V, v_aux = compound_velocity(net, z, cond, y, v_c, t - r, aux=aux)
-        loss, dist_u = adaptive_weighted_loss(V - v_g, cfg.adaptive_p, cfg.adaptive_c)
+        loss, dist_u = self.adaptive_loss(V - v_g)
         logs = {"loss_u": dist_u.mean().item() / x[0].numel()}
         if aux:
-            loss_v, dist_v = adaptive_weighted_loss(v_aux - v_g, cfg.adaptive_p, cfg.adaptive_c)
+            loss_v, dist_v = self.adaptive_loss(v_aux - v_g)
             loss = loss + loss_v
             logs["loss_v"] = dist_v.mean().item() / x[0].numel()
         return loss, {"loss": loss.item(), **logs}
@@ -198,25 +187,6 @@ class ImprovedMeanFlow(Method):
         """Training CFG scales (n,); all 1 for unconditional data (nothing to guide)."""
         omega = sample_omega(n, self.cfg.omega_max, self.cfg.omega_beta, generator, device)
         return omega if self.num_classes else torch.ones_like(omega)
-
-    def training_field(
-        self, net: nn.Module, z: Tensor, t: Tensor, v: Tensor, y: Tensor, omega: Tensor,
-        t_min: Tensor, t_max: Tensor, generator: torch.Generator,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """(v_c, v_g, labels for the u-net): tangent and guided field from the labels before
-        the drop; dropped samples then get v_g = eps - x and the null label (official order)."""
-        v_c, v_g = self.guided_target(net, z, t, v, y, omega, t_min, t_max)
-        y_in, dropped = self.drop_labels(y, generator)
-        return v_c, torch.where(broadcast_time(dropped, v), v, v_g).detach(), y_in
-
-    def drop_labels(self, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Labels fed to the u-net and the (B,) dropped mask; unconditional data keep the
-        null label and drop nothing."""
-        if self.num_classes == 0:
-            return y, torch.zeros_like(y, dtype=torch.bool)
-        return drop_labels_ordered(
-            y, self.cfg.label_dropout, self.null_label, self.cfg.label_drop_position, generator
-        )
 
     def velocity(self, net: nn.Module, z: Tensor, t: Tensor, omega: Tensor, y: Tensor) -> Tensor:
         """Predicted instantaneous velocity v(z, t | y, omega), (B, *shape): the v-head at
@@ -227,15 +197,16 @@ class ImprovedMeanFlow(Method):
         return net(z, cond, y)
 
     @torch.no_grad()
-    def guided_target(
-        self, net: nn.Module, z: Tensor, t: Tensor, v: Tensor, y: Tensor, omega: Tensor,
+    def guided_field(
+        self, net: nn.Module, z: Tensor, t: Tensor, v: Tensor, y: Tensor, *, omega: Tensor,
         t_min: Tensor, t_max: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        """(v_c, v_g), both (B, *shape): the JVP tangent and the guided training field."""
+        """(v_g, v_c), both (B, *shape): the guided training field and the network's
+        conditional velocity (the JVP tangent), from one doubled no-grad v-call."""
         inside = (t >= t_min) & (t <= t_max)
         omega_t = torch.where(inside, omega, torch.ones_like(omega))  # guidance off outside
         if self.num_classes == 0:
-            return self.velocity(net, z, t, omega_t, y), v
+            return v, self.velocity(net, z, t, omega_t, y)
         omega_u = torch.ones_like(omega_t) if self.cfg.uncond_omega == "one" else omega_t
         null = torch.full_like(y, self.null_label)
         both = self.velocity(
@@ -243,7 +214,7 @@ class ImprovedMeanFlow(Method):
             torch.cat([y, null]),
         )
         v_c, v_u = both.chunk(2)
-        return v_c, imf_guided_velocity(v, v_c, v_u, omega_t)
+        return imf_guided_field(v, v_c, v_u, omega_t), v_c
 
     @torch.no_grad()
     def sample(

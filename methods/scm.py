@@ -64,7 +64,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from methods.base import Batch, Method, NoiseFn, broadcast_time, drop_labels
+from methods.base import Batch, Method, NoiseFn, broadcast_time, drop_labels, fallback_noise
 from methods.jvp import backbone_jvp
 from methods.specs.scm import SCMConfig, SCMSpec
 
@@ -239,7 +239,7 @@ class SCM(Method):
         at = lambda value: torch.full((noise.shape[0],), value, device=noise.device, dtype=noise.dtype)  # noqa: E731
         x = consistency_fn(net, self.cfg.sigma_d * noise, at(t_max), labels, self.cfg)
         if nfe == 2:
-            eps = fresh_noise(0) if fresh_noise is not None else _fallback_noise(noise)
+            eps = fresh_noise(0) if fresh_noise is not None else fallback_noise(noise, 0x5C3)
             x_mid = math.cos(t_mid) * x + math.sin(t_mid) * self.cfg.sigma_d * eps
             x = consistency_fn(net, x_mid, at(t_mid), labels, self.cfg)
         return x
@@ -251,11 +251,3 @@ def _mask_non_finite(F: Tensor, F_minus: Tensor, g: Tensor) -> tuple[Tensor, Ten
     bad = broadcast_time(bad, F).expand_as(F)
     zero = torch.zeros((), dtype=F.dtype, device=F.device)
     return torch.where(bad, zero, F), torch.where(bad, zero, F_minus), torch.where(bad, zero, g)
-
-
-def _fallback_noise(like: Tensor) -> Tensor:
-    """Extra noise when the caller gives no ``fresh_noise`` (ad-hoc use): a fixed-seed local
-    generator, so the global RNG is untouched and calls repeat; the harness always passes
-    per-sample seeded ``fresh_noise`` so samples do not depend on the batch."""
-    gen = torch.Generator(device=like.device).manual_seed(0x5C3)
-    return torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype)

@@ -1,4 +1,6 @@
-"""The plug-in contract, checked for every registered method on both backbones."""
+"""The plug-in contract, checked for every registered method on both backbones.  The methods
+are the registry's (``METHOD_NAMES``, discovered from methods/specs/), never a hand list, so
+a new method is covered by adding its two files (docs/adding-a-method.md)."""
 
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ from benchmark.backbones.mlp import MLPBackbone
 from benchmark.config import CONFIG_DIR, method_yaml
 from benchmark.sample import generate
 from methods import METHOD_NAMES, get_method, get_spec
-from methods.base import Batch
-from methods.specs import InvalidPoint
+from methods.base import Batch, Method
+from methods.specs import InvalidPoint, step_cost_baseline
 
 NUM_CLASSES = 3
 
@@ -121,3 +123,43 @@ def test_every_config_field_declares_its_axis(name: str) -> None:
         assert f.metadata.get("axis") in ("train", "eval"), f.name
         assert f.metadata.get("help"), f.name
     assert isinstance(spec.version, int)
+
+
+def test_the_registry_is_every_spec_module_in_table_order() -> None:
+    import pkgutil
+
+    import methods.specs
+
+    modules = {m.name for m in pkgutil.iter_modules(methods.specs.__path__)} - {"base", "meanflow_family"}
+    assert set(METHOD_NAMES) == modules
+    orders = [get_spec(name).order for name in METHOD_NAMES]
+    assert orders == sorted(orders)
+    assert METHOD_NAMES[:5] == ("fm", "meanflow", "imf", "shortcut", "scm")  # the tables' order
+    assert step_cost_baseline() == "fm"
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_implementation_is_the_method_class_of_the_same_spec(name: str) -> None:
+    spec = get_spec(name)
+    cls = get_method(name)
+    assert issubclass(cls, Method) and cls.__module__.startswith("methods.")
+    assert type(cls.spec) is type(spec) and spec.name == name
+    assert f"methods/specs/{name}.py" in method_yaml(name)
+
+
+def test_a_spec_naming_a_class_outside_the_methods_package_is_refused(tmp_path, monkeypatch) -> None:
+    import sys
+
+    import methods.specs as registry
+
+    module = tmp_path / "evil.py"
+    module.write_text("from methods.specs.fm import FlowMatchingSpec\n"
+                      "class EvilSpec(FlowMatchingSpec):\n"
+                      "    name = 'evil'\n"
+                      "    implementation = 'os:system'\n")
+    monkeypatch.setattr(registry, "__path__", [*registry.__path__, str(tmp_path)])
+    try:
+        with pytest.raises(TypeError, match="inside the methods package"):
+            registry._declared_spec("evil")
+    finally:
+        sys.modules.pop("methods.specs.evil", None)

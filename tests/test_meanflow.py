@@ -11,13 +11,8 @@ from torch import Tensor, nn
 
 from benchmark.backbones.mlp import MLPBackbone
 from methods.base import Batch, Method, broadcast_time, sample_logit_normal
-from methods.meanflow import (
-    MeanFlow,
-    adaptive_weighted_loss,
-    average_velocity_and_target,
-    drop_labels_ordered,
-    sample_time_pair,
-)
+from methods.meanflow import MeanFlow, average_velocity_and_target
+from methods.meanflow_family import adaptive_weighted_loss, drop_labels_ordered, sample_time_pair
 from methods.specs.base import InvalidPoint
 from methods.specs.meanflow import MeanFlowConfig
 from tests import closed_form
@@ -114,14 +109,17 @@ def train_on_gaussian(method: Method, *, steps: int, batch: int, width: int = 64
 
 
 def one_and_two_step_moments(method: Method, net: nn.Module, n: int = 20_000) -> dict:
-    """Sample statistics per NFE from seeded noise: mean, std, and the mean distance to
-    the exact 1-D flow map MU + S eps (the monotone quantile map)."""
+    """Sample statistics per NFE from seeded noise: mean, std, the mean distance to the
+    exact 1-D flow map MU + S eps (the monotone quantile map), and the least-squares slope
+    of the samples on their noise (S for that map; 0 for a sampler that ignores its noise)."""
     noise = torch.randn(n, 1, generator=torch.Generator().manual_seed(123))
     labels = torch.zeros(n, dtype=torch.long)
-    stats = {"noise_mean": noise.mean().item()}
+    stats = {}
     for nfe in (1, 2):
         x = method.sample(net, noise, labels, nfe=nfe)
-        stats[nfe] = (x.mean().item(), x.std().item(), (x - (MU + S * noise)).abs().mean().item())
+        slope = ((x - x.mean()) * (noise - noise.mean())).mean() / noise.var()
+        stats[nfe] = (x.mean().item(), x.std().item(), (x - (MU + S * noise)).abs().mean().item(),
+                      slope.item())
     return stats
 
 
@@ -209,13 +207,13 @@ class LabelVelocity(nn.Module):
         return value[:, None].expand_as(x)
 
 
-def test_guided_target_is_omega_v_plus_kappa_vc_plus_rest_vu_inside_the_interval_only() -> None:
+def test_guided_field_is_omega_v_plus_kappa_vc_plus_rest_vu_inside_the_interval_only() -> None:
     cfg = MeanFlowConfig(omega=2.0, kappa=0.5, cfg_t_start=0.3, cfg_t_end=0.7)
     t = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9])
     y = torch.tensor([0, 1, 2, 0, 1])
     v = torch.arange(5.0)[:, None]
     net = CountingNet(LabelVelocity())
-    v_g = MeanFlow(cfg, num_classes=3).guided_target(net, torch.zeros(5, 1), t, v, y)
+    v_g, _ = MeanFlow(cfg, num_classes=3).guided_field(net, torch.zeros(5, 1), t, v, y)
     v_c, v_u = 10.0 + y[:, None], -5.0
     guided = 2.0 * v + 0.5 * v_c + (1 - 2.0 - 0.5) * v_u
     inside = ((t >= 0.3) & (t <= 0.7))[:, None]
@@ -223,23 +221,23 @@ def test_guided_target_is_omega_v_plus_kappa_vc_plus_rest_vu_inside_the_interval
     assert (net.calls, net.rows) == (1, 10)  # conditional and unconditional in one batch
 
 
-def test_guided_target_with_kappa_zero_needs_only_the_unconditional_pass() -> None:
+def test_guided_field_with_kappa_zero_needs_only_the_unconditional_pass() -> None:
     t, y, v = torch.full((4,), 0.5), torch.tensor([0, 1, 2, 0]), torch.ones(4, 1)
     net = CountingNet(LabelVelocity())
     method = MeanFlow(MeanFlowConfig(omega=3.0), num_classes=3)
-    v_g = method.guided_target(net, torch.zeros(4, 1), t, v, y)
+    v_g, _ = method.guided_field(net, torch.zeros(4, 1), t, v, y)
     torch.testing.assert_close(v_g, 3.0 * v + (1 - 3.0) * -5.0)
     assert (net.calls, net.rows) == (1, 4)
     for cfg, classes in ((MeanFlowConfig(omega=3.0), 0), (MeanFlowConfig(), 3)):
         silent = CountingNet(LabelVelocity())
-        assert MeanFlow(cfg, classes).guided_target(silent, torch.zeros(4, 1), t, v, y) is v
+        assert MeanFlow(cfg, classes).guided_field(silent, torch.zeros(4, 1), t, v, y)[0] is v
         assert silent.calls == 0  # unconditional data or no guidance: no extra pass
 
 
 def test_dropped_samples_get_the_null_label_and_the_unguided_field() -> None:
     cfg = MeanFlowConfig(omega=2.0, label_dropout=0.3)
     y, v = torch.arange(200) % 3, torch.randn(200, 1)
-    v_g, y_in = MeanFlow(cfg, num_classes=3).training_field(
+    v_g, y_in, _ = MeanFlow(cfg, num_classes=3).training_field(
         LabelVelocity(), torch.zeros(200, 1), torch.full((200,), 0.5), v, y,
         torch.Generator().manual_seed(0))
     dropped = (y_in == 3)[:, None]
@@ -301,11 +299,11 @@ def test_one_and_two_step_samples_match_the_data_after_tiny_training() -> None:
                          r_neq_t_selection="random")
     method = MeanFlow(cfg, num_classes=0)
     stats = one_and_two_step_moments(method, train_on_gaussian(method, steps=1500, batch=256))
-    assert abs(stats["noise_mean"]) < 0.02  # the start is noise, centred at 0 ...
     for nfe in (1, 2):
-        mean, std, to_flow_map = stats[nfe]
+        mean, std, to_flow_map, slope = stats[nfe]
         assert abs(mean - MU) < 0.05 and abs(std - S) < 0.05, (nfe, mean, std)
-        assert to_flow_map < 0.05  # ... and each sample lands near MU + S eps: noise -> data
+        assert to_flow_map < 0.05  # each sample lands near MU + S eps: noise -> data
+        assert abs(slope - S) < 0.05, (nfe, slope)  # the map is increasing with slope S
 
 
 # ----------------------------------------------------------------------------------------

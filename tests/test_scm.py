@@ -300,8 +300,11 @@ def test_nan_mask_zeroes_non_finite_samples_and_keeps_the_rest() -> None:
 # -- (iii) tiny-MLP training on the 1-D Gaussian ----------------------------------------------
 
 N_SAMPLES = 20_000
-# Tolerance 0.05 on mean and std: the Monte-Carlo SE of 20k samples is 0.003 (mean) and 0.002
-# (std), so the bound measures training error only; the exact consistency map has error 0.
+TRAINING_ERROR = 0.05
+"""Allowed training error of the tiny nets' mean and std (the exact consistency map has 0)."""
+SAMPLING_ERROR = 5 * S / math.sqrt(2 * N_SAMPLES)
+"""5 standard errors of a sample std of N_SAMPLES Gaussian draws, S / sqrt(2 n) = 0.002 each
+(the mean's SE, S / sqrt(n) = 0.003, is as small): 0.010."""
 
 
 def train_tiny(parameterization: str, steps: int = 1500) -> tuple[SCM, nn.Module]:
@@ -340,10 +343,10 @@ def trained() -> tuple[SCM, nn.Module]:
 
 @pytest.mark.parametrize("nfe", [1, 2])
 def test_trained_sampler_matches_data_moments(trained, nfe: int) -> None:
-    noise, x = draw(*trained, nfe)
-    assert abs(noise.mean().item()) < 0.02  # starts at noise, mean 0 ...
-    assert abs(x.mean().item() - MU) < 0.05  # ... and ends at the data, mean 1.3
-    assert abs(x.std().item() - S) < 0.05
+    # noise -> data (not the reverse) is the monotone-map test below
+    _, x = draw(*trained, nfe)
+    assert abs(x.mean().item() - MU) < TRAINING_ERROR
+    assert abs(x.std().item() - S) < TRAINING_ERROR
 
 
 def test_trained_one_step_map_is_the_monotone_map_mu_plus_s_eps(trained) -> None:
@@ -378,15 +381,15 @@ def test_trained_consistency_function_is_close_to_the_exact_one(trained) -> None
 
 @pytest.mark.slow
 def test_fm_parameterisation_trains_to_the_data_moments() -> None:
-    """The FM-parameterised option trains less well than native TrigFlow at this budget: its
-    2-step std came out 0.342-0.378 (true 0.4) depending only on the CPU thread count (float
-    reduction order), so its std tolerance is 0.08; the default parameterisation is held
-    to 0.05 above."""
+    """The FM-parameterised option held to the same training error as native TrigFlow plus
+    the sampling error of N_SAMPLES draws: 0.05 + 5 SE = 0.06.  Its 2-step std came out
+    0.342-0.378 (true 0.4) depending only on the CPU thread count (float reduction order),
+    so it trains less well at this budget and the bound is tight for it."""
     method, net = train_tiny("fm")
     for nfe in (1, 2):
         _, x = draw(method, net, nfe)
-        assert abs(x.mean().item() - MU) < 0.05, nfe
-        assert abs(x.std().item() - S) < 0.08, nfe
+        assert abs(x.mean().item() - MU) < TRAINING_ERROR + SAMPLING_ERROR, nfe
+        assert abs(x.std().item() - S) < TRAINING_ERROR + SAMPLING_ERROR, nfe
 
 
 # -- (iv) sampler contract: NFE, guidance, seeds ----------------------------------------------

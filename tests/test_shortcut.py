@@ -407,7 +407,6 @@ def test_tiny_mlp_learns_the_gaussian_in_one_and_two_steps():
     method = Shortcut(ShortcutConfig(denoise_timesteps=m), num_classes=0)
     ema = train_tiny(method, steps=2000, batch=256)
     noise = torch.randn(20_000, 1, generator=torch.Generator().manual_seed(5))
-    assert abs(noise.mean().item()) < 0.02
     for nfe in (1, 2):
         x = method.sample(ema, noise, torch.zeros(20_000, dtype=torch.long), nfe=nfe)
         mean, std = x.mean().item(), x.std().item()

@@ -6,15 +6,24 @@ from __future__ import annotations
 import pytest
 
 from benchmark.stepcost import default_rows, main, measure, split_row, target
-from methods.specs import METHOD_NAMES
+from methods.specs import METHOD_NAMES, get_spec, step_cost_baseline
 
 
 def test_rows_come_from_the_method_registry() -> None:
     rows = default_rows()
     assert rows[:len(METHOD_NAMES)] == list(METHOD_NAMES)
+    variants = [f"{name}+{o.partition('=')[2]}" for name in METHOD_NAMES for o in get_spec(name).step_cost_variants]
+    assert rows[len(METHOD_NAMES):] == variants and "imf+in_context" in variants
     assert split_row("imf+in_context") == ("imf", ["model.conditioning_mode=in_context"])
-    assert target("fm") == 1.0 and target("imf+in_context") is None
+    assert split_row("scm+model.conditioning_mode=in_context") == ("scm", ["model.conditioning_mode=in_context"])
+    assert target(step_cost_baseline()) == 1.0 and target("imf+in_context") is None
     assert all(target(m) is not None for m in METHOD_NAMES)  # every method declares its target
+
+
+def test_an_undeclared_variant_is_one_line_naming_the_declared_ones(capsys) -> None:
+    assert main(["--methods", "imf+nosuch"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'nosuch'" in err[0] and "imf+in_context" in err[0]
 
 
 @pytest.mark.parametrize("row", default_rows())
@@ -28,6 +37,11 @@ def test_an_unknown_row_is_one_line_and_exit_2(capsys) -> None:
     assert main(["--methods", "fm,nosuch"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nosuch" in err[0] and "expected one of" in err[0]
+
+
+def test_help_names_the_rows_and_exits_0(capsys) -> None:
+    assert main(["--help"]) == 0
+    assert "--methods" in capsys.readouterr().out
 
 
 def test_gpu_check_says_in_one_line_that_it_needs_cuda() -> None:

@@ -173,3 +173,66 @@ def test_tiny_sample_grids_are_upscaled_with_sharp_pixels(tmp_path: Path) -> Non
     assert sorted(set(big.getdata())) == [0, 255] and big.getpixel((3, 3)) == 255 and big.getpixel((4, 4)) == 0
     Image.new("L", (400, 400)).save(tmp_path / "large.png")
     assert readable_grid(tmp_path / "large.png", tmp_path / "out") == tmp_path / "large.png"
+
+
+def stat_of(path: Path) -> tuple[bytes, int]:
+    return path.read_bytes(), path.stat().st_mtime_ns
+
+
+def runs_by_key(results: Path) -> dict[str, list]:
+    """Every run (deleted ones included) by its key: train_key for trainings, eval_key for evaluations."""
+    out: dict[str, list] = {}
+    for run in all_runs(results):
+        tags = run.data.tags
+        out.setdefault(tags["eval_key"] if tags["kind"] == "evaluation" else tags["train_key"], []).append(run)
+    return out
+
+
+def test_force_recomputes_only_the_named_point_from_the_same_checkpoint_and_updates_its_one_run(
+        mirrored: Path, tmp_path: Path, capsys) -> None:
+    results = tmp_path / "results"
+    shutil.copytree(mirrored, results)  # the module's sweep (nfe=1,2), in a folder of this test's own
+    (final,) = results.glob("runs/*/final.pt")
+    records = {Store.read_record(p)["nfe"]: p for p in results.glob("runs/*/evals/*.json")}
+    checkpoint, other = stat_of(final), stat_of(records[2])
+    first = runs_by_key(results)
+    key1 = Store.read_record(records[1])["eval_key"]
+    for _ in range(2):
+        before = stat_of(records[1])
+        assert main([*SWEEP[:-1], "nfe=1", f"results_dir={results}", "--force"]) == 0
+        assert stat_of(final) == checkpoint  # same bytes, same mtime: not retrained
+        assert stat_of(records[1])[1] != before[1]  # the named point was computed again
+        assert stat_of(records[2]) == other  # the point not named is untouched
+        now = runs_by_key(results)
+        assert {k: [r.info.run_id for r in v] for k, v in now.items()} == \
+            {k: [r.info.run_id for r in v] for k, v in first.items()}  # one run per key, the same ones
+        (run,) = now[key1]
+        record = Store.read_record(records[1])
+        assert run.info.lifecycle_stage == "active" and run.info.status == "FINISHED"
+        assert run.data.tags["record_digest"] != first[key1][0].data.tags["record_digest"]
+        history = client_of(results).get_metric_history(run.info.run_id, "sec_per_sample")
+        assert [m.value for m in history] == [record["sec_per_sample"]]  # the new record's, only
+        date = datetime.datetime.fromisoformat(record["provenance"]["date"]).timestamp()
+        assert run.info.end_time == round(date * 1000)
+
+    capsys.readouterr()
+    assert main([*SWEEP[:-1], "nfe=1", f"results_dir={results}", "--force-train"]) == 0
+    out = capsys.readouterr().out
+    assert stat_of(final) != checkpoint  # retrained: a new final.pt
+    assert records[1].is_file() and not records[2].exists()  # the stale point of the old checkpoint is gone
+    key2 = first.keys() - {key1, final.parent.name}
+    assert f"removed 1 evaluation(s) of training {final.parent.name}" in out and key2.pop() in out
+    now = runs_by_key(results)
+    assert all(len(v) == 1 for v in now.values()) and now.keys() == first.keys()
+    stages = {k: v[0].info.lifecycle_stage for k, v in now.items()}
+    assert sorted(stages.values()) == ["active", "active", "deleted"] and stages[key1] == "active"
+    training = now[final.parent.name][0]
+    assert training.info.run_id == first[final.parent.name][0].info.run_id
+    summary = Store(results).read_final_summary(final.parent.name)
+    assert training.info.end_time == round(summary["end_time"] * 1000)
+    assert len(client_of(results).get_metric_history(training.info.run_id, "train_loss")) == 1
+
+    assert main([*SWEEP, f"results_dir={results}"]) == 0  # naming the removed point computes it again
+    again = runs_by_key(results)
+    assert all(len(v) == 1 and v[0].info.lifecycle_stage == "active" for v in again.values())
+    assert {k: v[0].info.run_id for k, v in again.items()} == {k: v[0].info.run_id for k, v in first.items()}

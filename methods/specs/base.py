@@ -64,6 +64,18 @@ class MethodConfig:
         return train, evals
 
 
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    """Raise a ValueError naming ``method.<name>`` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"method.{name}={value!r} is unknown; expected one of: {', '.join(allowed)}")
+
+
+def check_unit(name: str, value: float) -> None:
+    """Raise a ValueError naming ``method.<name>`` unless 0 <= value <= 1."""
+    if not 0 <= value <= 1:
+        raise ValueError(f"method.{name}={value} is out of range; expected a value in [0, 1]")
+
+
 class InvalidPoint(ValueError):
     """An evaluation point a method cannot honour; the message names the allowed values."""
 
@@ -85,15 +97,26 @@ class MethodSpec:
     """
 
     name: ClassVar[str]
+    """The registry name: equal to the spec module's name, ``methods/specs/<name>.py``."""
+    implementation: ClassVar[str]
+    """``"methods.<module>:<Class>"``, the :class:`methods.base.Method` subclass (a class
+    inside the methods package; the registry refuses anything else)."""
+    order: ClassVar[int] = 1000
+    """Position in ``METHOD_NAMES`` and so in every table (ascending; ties by name)."""
     version: ClassVar[int]
     Config: ClassVar[type[MethodConfig]]
     guidance: ClassVar[GuidanceMode] = "eval_cfg"
     guidance_field: ClassVar[str | None] = None
+    step_cost_baseline: ClassVar[bool] = False
+    """True on exactly one method (Flow Matching): every step-cost ratio divides by it."""
     step_cost_target: ClassVar[float | None] = None
-    """The training-step time this method should reach, as a multiple of a Flow Matching
+    """The training-step time this method should reach, as a multiple of the baseline's
     step on the same backbone and batch (``python -m benchmark.stepcost`` checks it).  Near
     the physical limit: one JVP-based step is a forward with tangent plus a backward through
     the primal only, about 4/3 of an FM step."""
+    step_cost_variants: ClassVar[tuple[str, ...]] = ()
+    """Overrides (``model.conditioning_mode=in_context``) under which the step-cost table
+    also measures this method, one row each, named ``<name>+<value>`` (no target)."""
     train_defaults: ClassVar[dict] = {}
     """Training-group values this method needs by default (its ``configs/method`` YAML sets
     them; a command-line ``train.*`` override still wins)."""

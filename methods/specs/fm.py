@@ -22,8 +22,12 @@ class FlowMatchingConfig(MethodConfig):
 
 class FlowMatchingSpec(MethodSpec):
     name = "fm"
+    implementation = "methods.fm:FlowMatching"
+    order = 10
     version = 1
-    step_cost_target = 1.0  # x an FM step; the reference
+    step_cost_baseline = True  # the multi-step baseline: every step-cost ratio divides by it
+    step_cost_target = 1.0
+    step_cost_variants = ("model.conditioning_mode=in_context",)  # what the in-context backbone costs
     Config = FlowMatchingConfig
     guidance = "eval_cfg"
 

@@ -27,40 +27,48 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from methods.specs.base import InvalidPoint, MethodConfig, MethodSpec, eval_field, train_field
-from methods.specs.meanflow import SELECTIONS, check_choice, check_unit
+from methods.specs.base import (
+    InvalidPoint,
+    MethodConfig,
+    check_choice,
+    check_unit,
+    eval_field,
+    train_field,
+)
+from methods.specs.meanflow_family import MeanFlowFamilyConfig, MeanFlowFamilySpec
 
 V_HEADS = ("boundary", "aux")
 UNCOND_OMEGAS = ("one", "omega")
 
 
 @dataclass(frozen=True)
-class ImprovedMeanFlowConfig(MethodConfig):
-    time_mean: float = train_field(-0.4, "logit-normal mean of t and r")
-    time_std: float = train_field(1.0, "logit-normal std of t and r")
-    ratio_r_neq_t: float = train_field(0.5, "fraction of the batch with r != t (official 0.5)")
-    r_neq_t_selection: str = train_field("first", "first: r = t for the first (1 - ratio) of the batch (official); random: per-sample mask")
-    omega_max: float = train_field(8.0, "omega drawn on [1, omega_max] (official s_max = 7, so 8)")
+class ImprovedMeanFlowConfig(MeanFlowFamilyConfig):
+    """The family's fields (methods/specs/meanflow_family.py), iMF's default for
+    ``ratio_r_neq_t``, and iMF's own fields."""
+
+    ratio_r_neq_t: float = train_field(0.5, "fraction of the batch with r != t (official iMF 0.5)",
+        min=0, max=1)
+    omega_max: float = train_field(8.0, "omega drawn on [1, omega_max] (official s_max = 7, so 8)",
+        min=1)
     omega_beta: float = train_field(1.0, "omega density ~ omega^-beta; 1 = log-uniform (official)")
-    interval_split: float = train_field(0.5, "t_min ~ U[0, split], t_max ~ U[split, 1] (official 0.5)")
-    uncond_omega: str = train_field("one", "one: v_u at omega = 1 (official code); omega: at the sampled omega (paper Algorithm 2, issue #8)")
-    v_head: str = train_field("boundary", "boundary: v = u(z, h = 0) (paper; same backbone as other methods); aux: auxiliary v-head (released code)")
-    aux_depth: int = train_field(8, "blocks duplicated into the aux v-head when v_head=aux (official 8); must be < model depth")
+    interval_split: float = train_field(0.5, "t_min ~ U[0, split], t_max ~ U[split, 1] (official 0.5)",
+        min=0, max=1)
+    uncond_omega: str = train_field("one", "one: v_u at omega = 1 (official code); omega: at the sampled omega (paper Algorithm 2, issue #8)",
+        choices=UNCOND_OMEGAS)
+    v_head: str = train_field("boundary", "boundary: v = u(z, h = 0) (paper; same backbone as other methods); aux: auxiliary v-head (released code)",
+        choices=V_HEADS)
+    aux_depth: int = train_field(8, "blocks duplicated into the aux v-head when v_head=aux (official 8); must be < model depth",
+        min=1)
     time_input: bool = train_field(False, "also feed t (slot 't'); official: False (h only). Toys need True: 1-D/2-D z does not reveal t")
-    label_dropout: float = train_field(0.1, "null-label probability per sample (CFG training)")
-    label_drop_position: str = train_field("first", "first: the first Binomial(B, p) samples (official, all in the r = t block); random: independent positions")
-    adaptive_p: float = train_field(1.0, "adaptive-weight power p (official 1.0; toys 0)")
-    adaptive_c: float = train_field(0.01, "adaptive-weight offset c (official 0.01); per-sample SUM over dims")
-    interval_min: float = eval_field(0.0, "guidance interval start fed to the network at sampling (B/2 1-NFE: 0.40)")
-    interval_max: float = eval_field(1.0, "guidance interval end fed to the network at sampling (B/2 1-NFE: 0.65)")
+    interval_min: float = eval_field(0.0, "guidance interval start fed to the network at sampling (B/2 1-NFE: 0.40)",
+        min=0, max=1)
+    interval_max: float = eval_field(1.0, "guidance interval end fed to the network at sampling (B/2 1-NFE: 0.65)",
+        min=0, max=1)
 
     def __post_init__(self) -> None:
-        check_choice("r_neq_t_selection", self.r_neq_t_selection, SELECTIONS)
-        check_choice("label_drop_position", self.label_drop_position, SELECTIONS)
+        super().__post_init__()
         check_choice("uncond_omega", self.uncond_omega, UNCOND_OMEGAS)
         check_choice("v_head", self.v_head, V_HEADS)
-        check_unit("ratio_r_neq_t", self.ratio_r_neq_t)
-        check_unit("label_dropout", self.label_dropout)
         check_unit("interval_split", self.interval_split)
         if self.omega_max < 1:
             raise ValueError(f"method.omega_max={self.omega_max} is below 1; expected >= 1 (8 official)")
@@ -71,19 +79,19 @@ class ImprovedMeanFlowConfig(MethodConfig):
             )
 
 
-class ImprovedMeanFlowSpec(MethodSpec):
+class ImprovedMeanFlowSpec(MeanFlowFamilySpec):
     name = "imf"
+    implementation = "methods.imf:ImprovedMeanFlow"
+    order = 30
     version = 2  # 2: unconditional data feed the interval [0, 1] to every sample
     step_cost_target = 1.8  # x an FM step; MeanFlow plus the boundary-velocity forward: about 5/3
+    step_cost_variants = ("model.conditioning_mode=in_context",)  # the official imfDiT's prefix tokens
     Config = ImprovedMeanFlowConfig
     guidance = "eval_input"
 
     def conditioning(self, cfg: MethodConfig) -> tuple[str, ...]:
         slots = ("h", "omega", "t_min", "t_max")
         return ("t", *slots) if cfg.time_input else slots
-
-    def nfe_cost(self, cfg: MethodConfig, nfe: int, guidance: float) -> int:
-        return nfe  # omega and the interval are network inputs: one pass per step
 
     def validate(self, cfg: MethodConfig, nfe: int, guidance: float) -> None:
         super().validate(cfg, nfe, guidance)

@@ -46,6 +46,8 @@ class SCMConfig(MethodConfig):
 
 class SCMSpec(MethodSpec):
     name = "scm"
+    implementation = "methods.scm:SCM"
+    order = 50
     version = 1
     step_cost_target = 1.35  # x an FM step; forward with tangent + backward: about 4/3
     Config = SCMConfig

@@ -60,6 +60,8 @@ class ShortcutConfig(MethodConfig):
 
 class ShortcutSpec(MethodSpec):
     name = "shortcut"
+    implementation = "methods.shortcut:Shortcut"
+    order = 40
     version = 1
     step_cost_target = 1.25  # x an FM step; a quarter of the batch adds two no-grad teacher passes
     Config = ShortcutConfig
