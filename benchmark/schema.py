@@ -54,11 +54,6 @@ config_field = _spec
 declare their fields with it."""
 
 
-config_field = _spec
-"""The public name of :func:`_spec`: config dataclasses outside this module (``benchmark.encode``)
-declare their fields with it."""
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = _spec("dit-tiny", "size name from the registry (dit-tiny ... dit-xl, mlp)")
