@@ -7,7 +7,7 @@ two modules together; it only hides the tie from a reader).  The layers, bottom 
 each importing only its own layer and the ones below:
 
 0. foundation: torch-free facts and plumbing: ``schema``, ``keys``, ``store``, ``cli``,
-   ``guard``, ``catalog``, ``config`` (the composer), ``vae_weights``, the metric ids and
+   ``guard``, ``progress``, ``catalog``, ``config`` (the composer), ``vae_weights``, the metric ids and
    registry (``benchmark.metrics``, ``.registry``), the weight locators
    (``.inception``, ``.reference_batch``), the model-size registry
    (``benchmark.backbones.sizes``) and the method declarations (``methods.specs``);
@@ -39,7 +39,7 @@ PACKAGES = ("benchmark", "methods")
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("benchmark", "benchmark.schema", "benchmark.keys", "benchmark.store", "benchmark.cli",
-                    "benchmark.guard", "benchmark.catalog", "benchmark.config", "benchmark.vae_weights",
+                    "benchmark.guard", "benchmark.progress", "benchmark.catalog", "benchmark.config", "benchmark.vae_weights",
                     "benchmark.metrics", "benchmark.metrics.registry", "benchmark.metrics.inception",
                     "benchmark.metrics.reference_batch", "benchmark.backbones.sizes", "methods.specs.*")),
     ("data, backbones, methods", ("benchmark.data.*", "benchmark.backbones.*", "methods.*")),
