@@ -10,6 +10,7 @@ reference features (``benchmark.metrics.fid``), the record naming that reference
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import io
 import platform
@@ -25,6 +26,7 @@ from benchmark.catalog import dataset_info
 from benchmark.data import Dataset
 from benchmark.flops import evaluation_flops
 from benchmark.plan import EvalJob, TrainingJob
+from benchmark.progress import interactive
 from benchmark.sample import Generated, balanced_labels, generate
 from benchmark.schema import EvalConfig
 from benchmark.store import Store, atomic_write_bytes
@@ -56,6 +58,8 @@ def _fid_metrics(gen: Generated, dataset: Dataset, cache_dir: Path, seed: int,
     from benchmark.metrics.fid import FidOptions, evaluate_fid
 
     options = FidOptions.from_eval_config(eval_cfg or EvalConfig())
+    # the feature extractors' own bars, under the same rule as the suite's (a terminal only)
+    options = dataclasses.replace(options, progress=options.progress and interactive())
     return evaluate_fid(gen.samples, dataset, options=options, cache_dir=cache_dir)
 
 
@@ -74,7 +78,7 @@ def evaluate(job: TrainingJob, ev: EvalJob, trainee: Trainee, store: Store, fina
     guidance = ev.identity["guidance"]
     gen = generate(trainee.method, net, shape=ds.shape, labels=labels, nfe=ev.nfe, guidance=guidance,
                    seed=ec.seed, batch_size=ec.batch_size, eval_params=ev.method_eval,
-                   device=trainee.device)
+                   device=trainee.device, progress=ec.progress)
     tick = time.perf_counter()
     suite = METRIC_SUITES[dataset_info(cfg.data.name).metric]
     metrics = suite(gen, ds, store.cache_dir(), ec.seed, ec)

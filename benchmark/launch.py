@@ -20,7 +20,9 @@ import contextlib
 import dataclasses
 import io
 import os
+import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,16 +83,19 @@ class EvalTask:
         """Each point under its lock, the cache looked at again once the lock is held; a
         point that fails does not stop the others (raises at the end, naming them)."""
         from benchmark.evaluate import evaluate
+        from benchmark.progress import progress_bar, say
         from benchmark.train import load_trained
 
         set_threads(self.threads)
         store, loaded, failed = Store(self.results_dir), None, []
-        for ev in self.evals:
+        points = progress_bar(len(self.evals), f"evaluate {self.job.key}", self.job.config.eval.progress,
+                              unit="point", iterable=self.evals)
+        for ev in points:
             if store.has_eval(ev.train_key, ev.key):
                 continue
             with store.eval_lock(ev.train_key, ev.key):
                 if store.has_eval(ev.train_key, ev.key):
-                    print(f"reused evaluation {ev.key} (computed by another process)", flush=True)
+                    say(f"reused evaluation {ev.key} (computed by another process)")
                     continue
                 loaded = loaded or load_trained(self.job, store)
                 try:
@@ -100,7 +105,8 @@ class EvalTask:
                 except Exception as err:  # noqa: BLE001 - this point's failure, not the others'
                     failed.append(f"{ev.key}: {type(err).__name__}: {err}"[:300])
                     continue
-            print(f"evaluated {ev.key} nfe={ev.nfe} guidance={ev.guidance:g}", flush=True)
+            say(f"evaluated {ev.key} nfe={ev.nfe} guidance={ev.guidance:g}")
+        points.close()
         if failed:
             raise EvaluationsFailed(f"{len(failed)} of {len(self.evals)} point(s) failed: " + "; ".join(failed))
         return [ev.key for ev in self.evals]
@@ -163,6 +169,11 @@ class Pool:
         """Tasks running, or finished with outcomes not yet collected by ``wait``."""
         return bool(self.running or self._finished)
 
+    def states(self) -> list[str]:
+        """The submitit state of each running job (SLURM's through submitit's rate-limited
+        watcher; a local job's from its process)."""
+        return [str(job.state) for _, job in self.running]
+
     def submit(self, batch: list[tuple[str, Callable]]) -> None:
         if self.executor is None:
             for name, task in batch:
@@ -179,7 +190,8 @@ class Pool:
             print(f"  submitted {name} as job {job.job_id}", flush=True)
         self.running += submitted
 
-    def wait(self, poll_s: float = 1.0) -> list[Outcome]:
+    def wait(self, poll_s: float = 1.0, on_poll: Callable[[], None] | None = None) -> list[Outcome]:
+        """``on_poll``: called at each look at the jobs that finds none finished."""
         while True:
             finished, self._finished = self._finished, []
             still = []
@@ -191,6 +203,8 @@ class Pool:
             self.running = still
             if finished or not self.running:
                 return finished
+            if on_poll is not None:
+                on_poll()
             time.sleep(poll_s)
 
 
@@ -207,15 +221,105 @@ def run_tasks(tasks: list[tuple[str, Callable]], cfg: LauncherConfig, folder: Pa
     outcomes: dict[str, Outcome] = {}
     if cfg.name != "inline":
         print(f"launcher={cfg.name}: {len(tasks)} job(s), logs in {folder}", flush=True)
+    status, start = StatusLine() if cfg.name != "inline" else None, time.monotonic()
+
+    def show(final: bool = False) -> None:
+        if status is not None:
+            line = format_status(cfg.name, pool.states(), time.monotonic() - start, waiting=len(pending),
+                                 finished=[o.ok for o in outcomes.values()])
+            if final:
+                status.close(line)
+            else:
+                status.show(line)
+
     while pending or pool.busy():
         if pending and pool.free() > 0:
             n = pool.free()
+            if status is not None:
+                status.clear()  # the submission lines go above the status line
             pool.submit(pending[:n])
             pending = pending[n:]
             continue
-        for outcome in pool.wait():
+        show()
+        for outcome in pool.wait(on_poll=show):
             outcomes[outcome.name] = outcome
+    show(final=True)
     return [outcomes[name] for name, _ in tasks]
+
+
+# ----------------------------------------------------------------------------------------
+# The live status line (launcher=local and slurm)
+
+PHASES = ("pending", "running", "done", "failed")
+JOB_PHASES = {
+    **dict.fromkeys(("RUNNING", "COMPLETING", "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING", "STAGE_OUT"),
+                    "running"),
+    **dict.fromkeys(("COMPLETED", "FINISHED", "DONE"), "done"),
+    **dict.fromkeys(("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
+                     "INTERRUPTED", "REVOKED"), "failed"),
+}
+"""SLURM's job states and submitit's local ones by phase; any other (PENDING, REQUEUED,
+PREEMPTED before its requeue, UNKNOWN before the first sacct) is pending."""
+
+
+def job_phase(state: str) -> str:
+    """pending, running, done or failed for a submitit job state (``CANCELLED by 1000`` too)."""
+    words = state.split()
+    return JOB_PHASES.get(words[0].upper() if words else "", "pending")
+
+
+def format_status(launcher: str, states: list[str], elapsed_s: float, waiting: int = 0,
+                  finished: list[bool] = ()) -> str:
+    """One line: how many jobs are pending (``waiting`` not yet submitted, plus those the
+    scheduler holds), running, done and failed, of how many, and the time since the launch.
+    ``states``: the submitit states of the submitted jobs whose outcome is not collected
+    yet; ``finished``: whether each collected job succeeded."""
+    counts = Counter(job_phase(s) for s in states)
+    counts["pending"] += waiting
+    counts.update("done" if ok else "failed" for ok in finished)
+    minutes, seconds = divmod(int(elapsed_s), 60)
+    hours, minutes = divmod(minutes, 60)
+    total = len(states) + waiting + len(finished)
+    return (f"launcher={launcher}: " + ", ".join(f"{counts[p]} {p}" for p in PHASES)
+            + f" of {total} job(s); {hours}:{minutes:02d}:{seconds:02d} elapsed")
+
+
+class StatusLine:
+    """The status of the running jobs on stdout: on a terminal one line rewritten in place;
+    otherwise (a log, a pipe) a plain line when it changed, at most every ``every_s``
+    seconds; the last status always stays as a plain line (``close``)."""
+
+    def __init__(self, every_s: float = 60.0, tty: bool | None = None) -> None:
+        from benchmark.progress import interactive
+
+        self.every_s, self.tty = every_s, interactive() if tty is None else tty
+        self.drawn = ""  # the text on the terminal's current line (tty)
+        self.printed, self.printed_at = "", float("-inf")
+
+    def show(self, line: str) -> None:
+        if self.tty:
+            if line != self.drawn:
+                sys.stdout.write("\r" + line + "\x1b[K")
+                sys.stdout.flush()
+                self.drawn = line
+        elif line != self.printed and time.monotonic() - self.printed_at >= self.every_s:
+            self._print(line)
+
+    def clear(self) -> None:
+        """Wipe the line on a terminal before something else is printed there."""
+        if self.tty and self.drawn:
+            sys.stdout.write("\r\x1b[K")
+            sys.stdout.flush()
+            self.drawn = ""
+
+    def close(self, line: str) -> None:
+        self.clear()
+        if line != self.printed:
+            self._print(line)
+
+    def _print(self, line: str) -> None:
+        print(line, flush=True)
+        self.printed, self.printed_at = line, time.monotonic()
 
 
 def _submit(executor, batch: list[tuple[str, Callable]], cfg: LauncherConfig) -> list[tuple[str, Any]]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from benchmark.progress import progress_bar
 from methods.base import Method
 
 
@@ -63,10 +64,12 @@ def balanced_labels(n: int, num_classes: int) -> Tensor:
 def generate(method: Method, net: nn.Module, *, shape: tuple[int, ...], labels: Tensor,
              nfe: int, guidance: float, seed: int, batch_size: int,
              eval_params: dict[str, Any] | None = None, device: torch.device | str = "cpu",
-             first_index: int = 0) -> Generated:
-    """Draw ``len(labels)`` samples; sample i uses noise seeded by (seed, first_index + i)."""
+             first_index: int = 0, progress: bool = False) -> Generated:
+    """Draw ``len(labels)`` samples; sample i uses noise seeded by (seed, first_index + i).
+    ``progress``: a bar over the samples (on a terminal only, ``benchmark.progress``)."""
     counter = CountingNet(net).eval()
     outputs, n, start = [], labels.shape[0], time.perf_counter()
+    bar = progress_bar(n, f"sample nfe={nfe}", progress, unit="sample")
     for lo in range(0, n, batch_size):
         idx = range(first_index + lo, first_index + min(n, lo + batch_size))
         noise = per_sample_noise(seed, idx, shape, 0, device)
@@ -77,6 +80,8 @@ def generate(method: Method, net: nn.Module, *, shape: tuple[int, ...], labels: 
         x = method.sample(counter, noise, labels[lo:lo + len(idx)].to(device), nfe=nfe,
                           guidance=guidance, fresh_noise=fresh_noise, **(eval_params or {}))
         outputs.append(x.float().cpu())
+        bar.update(len(idx))
+    bar.close()
     if device != "cpu" and torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -154,7 +154,7 @@ class EvalConfig:
                                       "larger (fid suite)", min=2)
     precision_recall: bool = _spec(False, "also improved precision/recall, k-NN in feature space (fid suite)")
     feature_batch_size: int = _spec(64, "images per feature-network batch", min=1, semantic=False)
-    progress: bool = _spec(True, "progress bar over feature batches", semantic=False)
+    progress: bool = _spec(True, "progress bars: sampling, feature batches, evaluation points (on a terminal)", semantic=False)
 
 
 SIGMA_REL_RANGE = (0.0, 0.28)

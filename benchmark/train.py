@@ -354,7 +354,9 @@ def _micro_batch_loss(t: Trainee, seed: int, m: int, step: int, size: int) -> to
 def _progress(tc: TrainConfig, start: int, desc: str, show: bool = True):
     from tqdm.auto import tqdm
 
-    return tqdm(total=tc.steps, initial=start, desc=desc, disable=not (tc.progress and show),
+    from benchmark.progress import interactive  # a terminal only: not in job logs, pipes, tests
+
+    return tqdm(total=tc.steps, initial=start, desc=desc, disable=not (tc.progress and show and interactive()),
                 leave=False, dynamic_ncols=True, mininterval=1.0)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmark.launch import StatusLine, _outcome, format_status
 from tests.conftest import REPO, run_cli
 
 
@@ -31,6 +32,9 @@ def test_local_launcher_trains_in_parallel_and_a_rerun_launches_nothing(tmp_path
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("submitted train") == 2 and first.stdout.count("submitted eval") == 2
     assert len(table(first.stdout)) == 2 + 4
+    finals = [ln for ln in first.stdout.splitlines() if ln.startswith("launcher=local: 0 pending, 0 running")]
+    assert [ln.split(";")[0] for ln in finals] == ["launcher=local: 0 pending, 0 running, 2 done, 0 failed of 2 job(s)"] * 2
+    assert "\r" not in first.stdout  # not a terminal: plain lines, no in-place rewrite
     second = run_cli(*args)
     assert second.returncode == 0
     assert "submitted" not in second.stdout
@@ -64,3 +68,48 @@ def test_sigkill_mid_sweep_then_rerun_records_every_evaluation_exactly_once(tmp_
     experiment = client.get_experiment_by_name("fewstep-bench")
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.data.tags["kind"] for r in runs) == ["evaluation"] * 4 + ["training"] * 2
+
+
+def wait_done(*jobs, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not all(job.done() for job in jobs):
+        assert time.time() < deadline, [job.state for job in jobs]
+        time.sleep(0.2)
+
+
+def test_the_status_line_counts_real_local_jobs_by_their_submitit_states(tmp_path: Path) -> None:
+    import submitit
+
+    executor = submitit.LocalExecutor(folder=str(tmp_path / "jobs"))
+    executor.update_parameters(timeout_min=5)
+    sleeper = executor.submit(time.sleep, 120)
+    ok, bad = executor.submit(sum, [1, 2]), executor.submit(int, "not a number")
+    wait_done(ok, bad)
+    states = [sleeper.state, ok.state, bad.state]
+    assert states == ["RUNNING", "FINISHED", "FINISHED"]  # a local job's state does not tell a failure
+    assert format_status("local", states, 65.7, waiting=1) == \
+        "launcher=local: 1 pending, 1 running, 2 done, 0 failed of 4 job(s); 0:01:05 elapsed"
+    outcomes = [_outcome("ok", ok), _outcome("bad", bad)]  # collected: the result tells it
+    assert [o.ok for o in outcomes] == [True, False] and "ValueError" in outcomes[1].error
+    assert format_status("local", [sleeper.state], 5, finished=[o.ok for o in outcomes]) == \
+        "launcher=local: 0 pending, 1 running, 1 done, 1 failed of 3 job(s); 0:00:05 elapsed"
+    os.kill(int(sleeper.job_id), signal.SIGKILL)  # a local job's id is its process id
+    wait_done(sleeper)
+    assert sleeper.state == "INTERRUPTED"
+    assert format_status("slurm", [sleeper.state, "PENDING", "CANCELLED by 1000", "COMPLETED"], 3600) == \
+        "launcher=slurm: 1 pending, 0 running, 1 done, 2 failed of 4 job(s); 1:00:00 elapsed"
+
+
+def test_the_status_line_rewrites_itself_on_a_terminal_and_prints_seldom_elsewhere(capsys) -> None:
+    tty = StatusLine(tty=True)
+    tty.show("a")
+    tty.show("a")  # unchanged: not drawn again
+    tty.show("b")
+    tty.clear()
+    tty.close("c")
+    assert capsys.readouterr().out == "\ra\x1b[K\rb\x1b[K\r\x1b[Kc\n"
+    log = StatusLine(every_s=60, tty=False)
+    log.show("a")
+    log.show("b")  # changed, but within a minute of the last line
+    log.close("c")  # the last status always gets its line
+    assert capsys.readouterr().out == "a\nc\n"
