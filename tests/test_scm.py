@@ -384,7 +384,8 @@ def test_fm_parameterisation_trains_to_the_data_moments() -> None:
     """The FM-parameterised option held to the same training error as native TrigFlow plus
     the sampling error of N_SAMPLES draws: 0.05 + 5 SE = 0.06.  Its 2-step std came out
     0.342-0.378 (true 0.4) depending only on the CPU thread count (float reduction order),
-    so it trains less well at this budget and the bound is tight for it."""
+    and 0.392 (mean 1.292) with 2 threads: it trains less well at this budget and the
+    bound is tight for it."""
     method, net = train_tiny("fm")
     for nfe in (1, 2):
         _, x = draw(method, net, nfe)
