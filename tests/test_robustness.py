@@ -44,7 +44,7 @@ def no_torn_files(results: Path) -> None:
     ("eval.num_samples=1000000000", "eval.num_samples=1000000000 is out of range"),
     ("eval.seed=99999999999999999999", "eval.seed=99999999999999999999 is out of range"),
     ("results_dir=", "results_dir= is empty"),
-    ("model=../../x", "unknown model '../../x'; expected one of: dit-b, dit-l, dit-s, dit-tiny"),
+    ("model=../../x", "unknown model '../../x'; expected one of: dit-b, dit-l, dit-s, dit-small-cpu, dit-tiny"),
     ("method=fm,../methods/fm", "unknown method '../methods/fm'"),
     ("hydra/job_logging=../../x", "unknown key 'hydra/job_logging'"),
 ])
