@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from benchmark.config import compose_points
+from benchmark.config import compose_points, merge_overrides
 from benchmark.plan import plan_points
 from benchmark.schema import UserError
 from benchmark.store import Store
@@ -32,10 +32,11 @@ METHODS = ("fm", *JVP_METHODS)
 
 def tiny(method: str, results: Path, *extra: str) -> list[str]:
     """20 steps of batch 64 in two micro-batches, a checkpoint at step 10, a curve point per step."""
-    return [f"method={method}", "data=gaussian1d", "model=mlp", "train=toy", "train.steps=20",
-            "train.batch_size=64", "train.micro_batches=2", "train.warmup_steps=5", "train.log_every=1",
-            "train.ckpt_every=10", "train.progress=false", "train.device=cpu", "train.threads=1",
-            "tracking.enabled=false", f"results_dir={results}", *extra]
+    return merge_overrides(
+        [f"method={method}", "data=gaussian1d", "model=mlp", "train=toy", "train.steps=20",
+         "train.batch_size=64", "train.micro_batches=2", "train.warmup_steps=5", "train.log_every=1",
+         "train.ckpt_every=10", "train.progress=false", "train.device=cpu", "train.threads=1",
+         "tracking.enabled=false", f"results_dir={results}"], list(extra))
 
 
 def job_for(overrides: list[str]):
@@ -206,12 +207,11 @@ def test_micro_batches_are_a_training_axis_and_change_the_path(tmp_path: Path) -
     assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-4
 
 
-def test_a_batch_that_does_not_split_into_the_micro_batches_is_one_clear_error(tmp_path: Path) -> None:
-    job = job_for(tiny("fm", tmp_path, "train.batch_size=63"))
+def test_a_batch_that_does_not_split_into_the_micro_batches_is_refused_at_planning(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"^train.batch_size=63 does not split into train.micro_batches=2 "
                                         r"equal micro-batches; expected a multiple of 2: set train.batch_size=62"):
-        train(job, Store(tmp_path))
-    assert not Store(tmp_path).state_path(job.key).exists()
+        job_for(tiny("fm", tmp_path, "train.batch_size=63"))
+    assert not (tmp_path / "runs").exists()
 
 
 def test_under_torchrun_every_rank_trains_and_rank_0_alone_evaluates_and_reports(two_ranks) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark.config import compose_points
+from benchmark.config import compose_points, merge_overrides
 from benchmark.plan import plan_points
 from benchmark.run import main
 from benchmark.schema import UserError
@@ -66,7 +66,7 @@ def test_a_preemption_warning_saves_the_exact_step_and_the_requeued_run_matches_
 
     import benchmark.train as engine
 
-    job = plan_for([o for o in toy_overrides if not o.startswith("train.ckpt_every=")] + ["train.ckpt_every=1000"]).trainings[0]
+    job = plan_for(merge_overrides(toy_overrides, ["train.ckpt_every=1000"])).trainings[0]
     straight = Store(tmp_path / "straight")
     train(job, straight)
 
@@ -100,7 +100,7 @@ def test_a_preemption_warning_saves_the_exact_step_and_the_requeued_run_matches_
 
 
 def test_resume_from_a_step_between_checkpoints_replays_from_the_last_checkpoint(toy_overrides, tmp_path):
-    job = plan_for([o for o in toy_overrides if not o.startswith("train.ckpt_every=")] + ["train.ckpt_every=15"]).trainings[0]
+    job = plan_for(merge_overrides(toy_overrides, ["train.ckpt_every=15"])).trainings[0]
     store = Store(tmp_path)
     train(job, store, stop_after=23)  # killed at 23: the last periodic checkpoint is 15 ... and 23 on stop
     assert load_state(store.state_path(job.key), torch.device("cpu"))["step"] == 23
