@@ -15,7 +15,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 import benchmark.metrics.digits as digits_metrics
 from benchmark.data import Dataset, load_dataset
 from benchmark.metrics import FEATURE_EXTRACTOR_ID
-from benchmark.metrics.toy import evaluate_toy, mmd_rbf, sliced_wasserstein, wasserstein_1d
+from benchmark.metrics.toy import evaluate_toy, mmd_rbf, resampled_sorted, sliced_wasserstein, wasserstein_1d
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +218,16 @@ def test_mmd_is_unbiased_for_identical_distributions() -> None:
     # Mean of 20 unbiased estimates sits within ~3 standard errors of 0.
     assert abs(np.mean(values)) < 3 * np.std(values) / math.sqrt(20)
     assert min(values) < 0 < max(values)
+
+
+def test_a_bootstrap_draw_read_off_the_sorted_samples_equals_sorting_the_drawn_rows() -> None:
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(301, 7, generator=generator, dtype=torch.float64).round(decimals=1)  # ties too
+    values, order = x.sort(dim=0)
+    for _ in range(5):
+        rows = torch.randint(301, (301,), generator=generator)
+        counts = torch.bincount(rows, minlength=301)
+        assert torch.equal(resampled_sorted(values, order, counts), x[rows].sort(dim=0).values)
 
 
 def test_evaluate_toy_is_deterministic_for_a_seed_and_reports_moment_errors() -> None:

@@ -40,7 +40,15 @@ def wasserstein_1d(x: Tensor, y: Tensor, p: int = 1) -> Tensor:
     """
     squeeze = x.dim() == 1
     xs, ys = (t.double().reshape(len(t), -1).sort(dim=0).values for t in (x, y))
+    wp = wasserstein_sorted(xs, ys, p)
+    return wp[0] if squeeze else wp
+
+
+def wasserstein_sorted(xs: Tensor, ys: Tensor, p: int) -> Tensor:
+    """:func:`wasserstein_1d` of columns already sorted ascending: xs (N, L), ys (M, L) -> (L,)."""
     n, m = len(xs), len(ys)
+    if n == m:  # equal sizes: the quantile functions pair sorted rows
+        return (xs - ys).abs().pow(p).mean(dim=0).pow(1.0 / p)
     steps = [torch.arange(1, k + 1, dtype=torch.float64) / k for k in (n, m)]
     levels = torch.cat(steps)
     levels = levels.unique()  # sorted; quantile functions are constant between levels
@@ -48,8 +56,17 @@ def wasserstein_1d(x: Tensor, y: Tensor, p: int = 1) -> Tensor:
     mids = levels - widths / 2
     ix = (mids * n).long().clamp(max=n - 1)
     iy = (mids * m).long().clamp(max=m - 1)
-    wp = (widths[:, None] * (xs[ix] - ys[iy]).abs().pow(p)).sum(dim=0).pow(1.0 / p)
-    return wp[0] if squeeze else wp
+    return (widths[:, None] * (xs[ix] - ys[iy]).abs().pow(p)).sum(dim=0).pow(1.0 / p)
+
+
+def resampled_sorted(values: Tensor, order: Tensor, counts: Tensor) -> Tensor:
+    """The columns of ``x[rows]`` sorted, without sorting: ``values``/``order`` (N, L) are
+    ``x.sort(dim=0)`` and ``counts`` (N,) how often each row of x is drawn (sum N): each
+    sorted value is repeated as often as its row was drawn."""
+    n, columns = values.shape
+    per_column = counts.long()[order].T.reshape(-1)  # column by column, in sorted order
+    index = torch.arange(n).repeat(columns).repeat_interleave(per_column).view(columns, n).T
+    return values.gather(0, index)
 
 
 def sliced_wasserstein(
@@ -131,14 +148,11 @@ def _directions(dim: int, num_projections: int, generator: torch.Generator) -> T
     return theta / theta.norm(dim=0, keepdim=True)
 
 
-def _sliced_w1_w2(proj: Tensor, ref_sorted: Tensor) -> tuple[float, float]:
-    """(sliced W1, sliced W2) of projected samples (N, L) against sorted projected
+def _sliced_w1_w2(proj_sorted: Tensor, ref_sorted: Tensor) -> tuple[float, float]:
+    """(sliced W1, sliced W2) of sorted projected samples (N, L) against sorted projected
     reference samples (M, L): mean over directions of W1, and sqrt of the mean of W2^2."""
-    if len(proj) == len(ref_sorted):  # equal sizes: the quantile functions pair sorted rows
-        diff = proj.sort(dim=0).values - ref_sorted
-        return diff.abs().mean().item(), diff.pow(2).mean().sqrt().item()
-    w1 = wasserstein_1d(proj, ref_sorted, 1).mean().item()
-    w2 = wasserstein_1d(proj, ref_sorted, 2).pow(2).mean().sqrt().item()
+    w1 = wasserstein_sorted(proj_sorted, ref_sorted, 1).mean().item()
+    w2 = wasserstein_sorted(proj_sorted, ref_sorted, 2).pow(2).mean().sqrt().item()
     return w1, w2
 
 
@@ -180,25 +194,30 @@ def evaluate_toy(
     directions = _directions(dim, num_projections, projection_gen)
     reference = reference.double()
     ref_sorted = (reference @ directions).sort(dim=0).values
-    proj = flat @ directions
-    # MMD on the first mmd_samples points: its kernel sums are computed once and the
-    # bootstrap resamples rows of them (no kernel re-evaluation per draw)
+    proj_sorted, proj_order = (flat @ directions).sort(dim=0)
+    # MMD on the first mmd_samples points.  A bootstrap draw is a vector of counts c per row:
+    # its kernel sums are c^T K c (less the draw's own diagonal) and c . k_xy, and its sorted
+    # projections are read off the sorted originals, so no draw re-sorts or re-gathers a matrix
     x, y = flat[:mmd_samples], reference[:mmd_samples]
     k_xx, k_xy = _kernel_matrix(x, x, bandwidths), _kernel_matrix(x, y, bandwidths).mean(dim=1)
     k_yy = (_kernel_sum(y, y, bandwidths) - len(y)) / (len(y) * (len(y) - 1))
+    k_diag = k_xx.diagonal()
 
-    def scores(rows: Tensor | None, mmd_rows: Tensor | None) -> dict[str, float]:
-        w1, w2 = _sliced_w1_w2(proj if rows is None else proj[rows], ref_sorted)
-        kxx = k_xx if mmd_rows is None else k_xx[mmd_rows][:, mmd_rows]
-        kxy = k_xy if mmd_rows is None else k_xy[mmd_rows]
-        n = len(kxx)
-        mmd = (kxx.sum() - kxx.diagonal().sum()).item() / (n * (n - 1)) + k_yy - 2 * kxy.mean().item()
+    def scores(counts: Tensor, mmd_counts: Tensor) -> dict[str, float]:
+        resampled = resampled_sorted(proj_sorted, proj_order, counts)
+        w1, w2 = _sliced_w1_w2(resampled, ref_sorted)
+        n = mmd_counts.sum().item()
+        pairs = (mmd_counts @ k_xx @ mmd_counts - mmd_counts @ k_diag).item()
+        mmd = pairs / (n * (n - 1)) + k_yy - 2 * (mmd_counts @ k_xy).item() / n
         return {"swd": w1, "sw2": w2, "mmd": mmd}
 
-    point = scores(None, None)
+    def draw(n: int, generator: torch.Generator) -> Tensor:
+        return torch.bincount(torch.randint(n, (n,), generator=generator), minlength=n).double()
+
+    ones = (torch.ones(len(flat), dtype=torch.float64), torch.ones(len(x), dtype=torch.float64))
+    point = scores(*ones)
     boot_gen = torch.Generator().manual_seed(seed + 1)
-    boots = [scores(torch.randint(len(flat), (len(flat),), generator=boot_gen),
-                    torch.randint(len(x), (len(x),), generator=boot_gen)) for _ in range(draws)]
+    boots = [scores(draw(len(flat), boot_gen), draw(len(x), boot_gen)) for _ in range(draws)]
     intervals = {}
     for name, value in point.items():
         sd = torch.tensor([b[name] for b in boots], dtype=torch.float64).std().item() if draws > 1 else math.nan
