@@ -58,6 +58,7 @@ def test_preset_hyperparameters_resolve_and_command_line_keys_win() -> None:
     assert (mine.train.lr, mine.nfe, mine.data.root, mine.train.batch_size) == (3e-4, 2, "/elsewhere", 1024)
 
 
+@pytest.mark.slow
 def test_meanflow_xl2_trains_with_its_own_omega_below_the_guidance_axis(capsys) -> None:
     assert main(["experiment=meanflow-xl2-imagenet256", "--dry-run"]) == 0
     identity = json.loads(next(line for line in capsys.readouterr().out.splitlines()

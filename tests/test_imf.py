@@ -234,6 +234,7 @@ def test_training_step_costs_a_doubled_no_grad_pass_plus_one_jvp_pass() -> None:
 # (c) Tiny-MLP training on 1-D N(1.3, 0.4^2)
 
 
+@pytest.mark.slow
 def test_one_and_two_step_samples_match_the_data_after_tiny_training() -> None:
     # 1-D z does not reveal its noise level, so the toy net gets t (time_input); without it
     # 1-NFE samples had mean 0.92.  p = 0 for toys (§10); time_std 1.6 (py-meanflow's CIFAR

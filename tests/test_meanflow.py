@@ -289,6 +289,7 @@ def test_adaptive_weight_divides_the_summed_square_by_its_stopped_offset_power()
 # (c) Tiny-MLP training on 1-D N(1.3, 0.4^2)
 
 
+@pytest.mark.slow
 def test_one_and_two_step_samples_match_the_data_after_tiny_training() -> None:
     # p = 0 for toys (§10); py-meanflow's v1 sampler (its CIFAR config) puts pairs near
     # r = 0, t = 1 where the 1-step map lives.  1500 steps at batch 256 are short: the

@@ -395,6 +395,7 @@ def train_tiny(method: Shortcut, steps: int, batch: int, ema_decay: float = 0.99
     return ema
 
 
+@pytest.mark.slow
 def test_tiny_mlp_learns_the_gaussian_in_one_and_two_steps():
     # M = 32 (levels 0..5): the whole chain is learned from the FM level by bootstrapping.
     # The exact fixed point is the 32-step Euler map of the true velocity: mean 1.3, std

@@ -104,6 +104,7 @@ def test_every_shipped_search_space_plans_in_a_dry_run() -> None:
 # The study
 
 
+@pytest.mark.slow
 def test_a_study_runs_in_parallel_survives_a_killed_driver_prunes_and_mirrors_every_trial(tmp_path) -> None:
     from mlflow.tracking import MlflowClient
     from optuna.trial import TrialState
@@ -189,6 +190,7 @@ def test_a_study_runs_in_parallel_survives_a_killed_driver_prunes_and_mirrors_ev
     assert f'"lr": {best["params"]["train.lr"]}' in dry.stdout
 
 
+@pytest.mark.slow
 def test_an_identical_trial_is_not_retrained_and_a_failed_one_is_recorded_with_its_reason(tmp_path) -> None:
     """Trial 1 repeats trial 0 (its result comes from the cache, nothing launched); trial 2
     diverges (NaN at step 1 without gradient clipping) and fails with that reason; trial 3
@@ -242,7 +244,8 @@ def test_a_bad_run_config_file_is_one_line_and_exit_2(tmp_path, content, expecte
 
 
 @pytest.mark.parametrize("pruner", [{"name": "median", "n_startup_trials": 1},
-                                    {"name": "successive_halving", "min_resource": 50, "reduction_factor": 2}])
+                                    pytest.param({"name": "successive_halving", "min_resource": 50,
+                                                  "reduction_factor": 2}, marks=pytest.mark.slow)])
 def test_inline_trials_run_one_after_another_with_journal_storage_and_a_pruner(tmp_path, capsys, pruner) -> None:
     """launcher=inline: each trial is told before the next is asked, so the pruner (the
     median of one finished trial, or successive halving keeping the better half at step 50)
@@ -297,6 +300,7 @@ def test_benchmark_sync_mirrors_a_study_run_without_tracking(tmp_path, capsys) -
     assert "swd_nfe2" in trials["0"].data.metrics
 
 
+@pytest.mark.slow
 def test_the_report_notebook_shows_each_study_with_its_best_trials_and_plots(tmp_path, capsys) -> None:
     from benchmark import report
 
