@@ -240,3 +240,21 @@ def test_unknown_size_or_option_raises_a_value_error_listing_the_choices() -> No
         build_dit("dit-q", in_channels=1, image_size=8, num_classes=10, slots=("t",))
     with pytest.raises(ValueError, match="unknown DiT option.*'depht'"):
         build_dit("dit-tiny", in_channels=1, image_size=8, num_classes=10, slots=("t",), depht=2)
+
+
+def test_the_class_table_starts_at_the_configured_std_and_the_std_is_part_of_the_training_key() -> None:
+    from benchmark.backbones import build_backbone
+    from benchmark.config import compose_points
+    from benchmark.plan import plan_points
+    from benchmark.schema import ModelConfig
+
+    torch.manual_seed(0)
+    stds = {}
+    for std in (1.0, 0.02):
+        net = build_backbone(ModelConfig(label_init_std=std), shape=(1, 8, 8), num_classes=10, slots=("t",))
+        stds[std] = net.cond_embed.labels.table.weight.std().item()  # 11 x 64 entries
+    assert stds[1.0] == pytest.approx(1.0, rel=0.1) and stds[0.02] == pytest.approx(0.02, rel=0.1)
+    assert ModelConfig().label_init_std == 1.0  # the suite's default (DiT's own is 0.02)
+    keys = {plan_points(compose_points(["method=fm", f"model.label_init_std={s}"])).trainings[0].key
+            for s in (1.0, 0.02)}
+    assert len(keys) == 2

@@ -20,7 +20,7 @@ def _build_dit(model: ModelConfig, shape, num_classes, slots, options) -> nn.Mod
         raise UserError(f"unknown model '{model.name}'; expected one of: {', '.join(dit_sizes())}")
     if len(shape) != 3:
         raise UserError(f"model={model.name} needs image data (C, H, W), got shape {shape}")
-    opts = {"conditioning_mode": model.conditioning_mode, **options}
+    opts = {"conditioning_mode": model.conditioning_mode, "label_init_std": model.label_init_std, **options}
     return build_dit(model.name, in_channels=shape[0], image_size=shape[1],
                      num_classes=num_classes, slots=slots, **opts)
 

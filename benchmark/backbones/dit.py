@@ -401,6 +401,8 @@ class DiT(nn.Module):
         tokens_per_slot: in-context prefix tokens per slot, merged over
             ``DEFAULT_TOKENS_PER_SLOT`` (other slots: 4).
         label_tokens: in-context class tokens.
+        label_init_std: std of the class-embedding table at initialisation (DiT: 0.02; the
+            suite's default 1.0, see ``ModelConfig.label_init_std``).
         attention: ``"math"`` (explicit softmax, JVP-safe) or ``"sdpa"`` (no forward AD).
     """
 
@@ -420,6 +422,7 @@ class DiT(nn.Module):
         aux_depth: int = 0,
         tokens_per_slot: dict[str, int] | None = None,
         label_tokens: int = 8,
+        label_init_std: float = 0.02,
         attention: str = "math",
     ) -> None:
         super().__init__()
@@ -431,6 +434,7 @@ class DiT(nn.Module):
         self.grid = (size[0] // patch_size, size[1] // patch_size)
         self.conditioning_mode, self.aux_depth = conditioning_mode, aux_depth
         self.adaln = conditioning_mode == "adaln"
+        self.label_init_std = label_init_std
 
         self.cond_embed = ConditionEmbedder(tuple(slots), num_classes, hidden)
         self.patch_embed = nn.Conv2d(in_channels, hidden, patch_size, stride=patch_size)
@@ -457,7 +461,8 @@ class DiT(nn.Module):
         return self.cond_embed.slots
 
     def initialize_weights(self) -> None:
-        """DiT initialisation: xavier linears, small embeddings, zero-init outputs."""
+        """DiT initialisation: xavier linears, small embeddings (the class table at
+        ``label_init_std``), zero-init outputs."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -468,7 +473,7 @@ class DiT(nn.Module):
         for embedder in self.cond_embed.scalars.values():
             nn.init.normal_(embedder.mlp[0].weight, std=0.02)
             nn.init.normal_(embedder.mlp[2].weight, std=0.02)
-        nn.init.normal_(self.cond_embed.labels.table.weight, std=0.02)
+        nn.init.normal_(self.cond_embed.labels.table.weight, std=self.label_init_std)
         for block in [*self.blocks, *self.tail, *self.aux_tail]:
             block.zero_init()
         for final in (self.final_layer, self.aux_final_layer):
