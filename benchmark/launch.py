@@ -4,9 +4,10 @@ on SLURM, all through one interface (submitit for the last two).
 A sweep runs in two phases: every missing training, then one evaluation task per trained
 run for its missing points, so an evaluation never starts before its checkpoint exists.
 Tasks write only their own results (atomically) and never talk to MLflow: the driver
-mirrors the records afterwards, so parallel jobs cannot race on the tracking store.  A
-training task is ``Checkpointable``: on a time limit or preemption SLURM requeues it and
-it resumes from the run's latest state.  Every cached unit has a lock: a training its run
+mirrors the records afterwards, so parallel jobs cannot race on the tracking store.  Both
+tasks are ``Checkpointable``: on a time limit or preemption SLURM requeues them; a training
+resumes from the run's latest state, an evaluation skips the points it already recorded
+(each record is written atomically, so an interrupted point is simply computed again).  Every cached unit has a lock: a training its run
 folder's, an evaluation point its own (``Store.eval_lock``), each taken before computing
 and followed by a second look at the cache, so concurrent identical sweeps compute each
 unit once and the others reuse it.  A failed or cancelled task caches nothing; with every
@@ -71,8 +72,9 @@ class EvaluationsFailed(RuntimeError):
 
 
 @dataclass
-class EvalTask:
-    """Evaluate one trained run at its missing evaluation points."""
+class EvalTask(Checkpointable):
+    """Evaluate one trained run at its missing evaluation points (requeued as it is on a
+    time-limit warning: the points recorded by then are cached and skipped)."""
 
     job: TrainingJob
     evals: list[EvalJob]

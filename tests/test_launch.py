@@ -113,3 +113,16 @@ def test_the_status_line_rewrites_itself_on_a_terminal_and_prints_seldom_elsewhe
     log.show("b")  # changed, but within a minute of the last line
     log.close("c")  # the last status always gets its line
     assert capsys.readouterr().out == "a\nc\n"
+
+
+def test_an_evaluation_task_warned_of_its_time_limit_is_requeued_as_itself(tmp_path: Path) -> None:
+    """submitit requeues a task on SLURM's time-limit warning only when it is Checkpointable;
+    an evaluation task is resubmitted whole and skips the points already recorded."""
+    from submitit.helpers import Checkpointable
+
+    from benchmark.launch import EvalTask, TrainTask
+
+    task = EvalTask(job=None, evals=[], results_dir=str(tmp_path), threads=1)
+    resubmission = task.checkpoint()
+    assert isinstance(task, Checkpointable) and issubclass(TrainTask, Checkpointable)
+    assert resubmission.function is task and resubmission.args == () and resubmission.kwargs == {}
