@@ -26,6 +26,7 @@ def table(out: str) -> list[str]:
     return [ln for ln in out.splitlines() if ln.startswith("|")]
 
 
+@pytest.mark.slow
 def test_local_launcher_trains_in_parallel_and_a_rerun_launches_nothing(tmp_path: Path) -> None:
     args = toy_sweep(tmp_path, 60)
     first = run_cli(*args)

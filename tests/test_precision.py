@@ -66,6 +66,7 @@ def run_every_method(tmp_path: Path, toy_overrides: list[str], flag: str) -> lis
     return [json.loads(p.read_text()) for p in (tmp_path / "results").glob("runs/*/evals/*.json")]
 
 
+@pytest.mark.slow
 def test_bf16_trains_and_evaluates_every_method_end_to_end(tmp_path: Path, toy_overrides: list[str]) -> None:
     records = run_every_method(tmp_path, toy_overrides, "train.precision=bf16")
     assert sorted(r["method"] for r in records) == sorted(METHOD_NAMES)
