@@ -64,7 +64,7 @@ class ModelConfig:
     # zero-initialised adaLN modulation that leaves class conditioning at a saddle for the
     # first ~1000 steps of a small run (300-step class accuracy at chance for every method).
     # 1.0 (torch's nn.Embedding default) escapes it at once; README "300 steps".
-    label_init_std: float = _spec(1.0, "std of the class-embedding table at initialisation (DiT: 0.02)",
+    label_init_std: float = _spec(1.0, "std of the class-embedding table at initialisation (dit only; DiT's own: 0.02)",
                                   min=0.0)
     width: int = _spec(128, "MLP width (mlp only)", min=1)
     depth: int = _spec(4, "MLP depth (mlp only)", min=1)
