@@ -60,7 +60,24 @@ from benchmark.table import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-NOTEBOOK_SOURCE = REPO / "reports" / "benchmark_report.py"
+
+
+def _notebook_source() -> Path:
+    """The report notebook: installed from a wheel it is package data
+    (``benchmark/reports/benchmark_report.py``, copied by setup.py); in a checkout or an
+    editable install, the tracked ``reports/benchmark_report.py`` itself."""
+    from importlib.resources import files
+
+    packaged = files("benchmark") / "reports" / "benchmark_report.py"
+    if packaged.is_file():
+        return Path(str(packaged))
+    return REPO / "reports" / "benchmark_report.py"
+
+
+NOTEBOOK_SOURCE = _notebook_source()
+CHECKOUT = (REPO / "README.md").is_file() and (REPO / "reports").is_dir()
+"""Whether this module runs from a checkout (whose README and reports/ ``--publish`` and
+``readme=`` rewrite) rather than from an installed wheel."""
 USAGE = ("usage: python -m benchmark.report [column=value[,value...] ...] [results_dir=DIR] [out=DIR] "
          "[notebook_dir=DIR] [metric=NAME] [cost=AXIS] [readme=NAME] [--no-notebook] [--publish] [--help]")
 OPTIONS = ("results_dir", "out", "notebook_dir", "metric", "cost", "readme")
@@ -650,6 +667,12 @@ def execute_notebook(source: Path, target_dir: Path, parameters: dict, cwd: Path
     except ImportError as err:
         raise UserError(f"the report notebook needs {err.name}, which is not installed; expected the "
                         f"reports extra: pip install -e '.[reports]' (or pass --no-notebook)") from None
+    try:  # nbconvert looks for its 'lab' template here, before the kernel runs
+        exporter = html_exporter()
+    except ValueError as err:  # nbconvert's data files (share/jupyter/nbconvert/templates) are missing
+        raise UserError(f"nbconvert cannot find its 'lab' HTML template ({str(err).splitlines()[0]}); expected "
+                        f"nbconvert's data files in this environment: reinstall it here (pip install "
+                        f"--force-reinstall nbconvert), or pass --no-notebook") from None
     nb = jupytext.read(source)
     code = "# Parameters\n" + "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
     cell = nbformat.v4.new_code_cell(code, metadata={"tags": ["injected-parameters"]})
@@ -674,7 +697,7 @@ def execute_notebook(source: Path, target_dir: Path, parameters: dict, cwd: Path
         raise Failure(f"the report notebook failed ({last}); the partial notebook is "
                            f"{stem.with_suffix('.ipynb')}") from None
     atomic_write_bytes(stem.with_suffix(".ipynb"), nbformat.writes(nb).encode())
-    body, _ = html_exporter().from_notebook_node(nb)
+    body, _ = exporter.from_notebook_node(nb)
     atomic_write_bytes(stem.with_suffix(".html"), body.encode())
     return stem.with_suffix(".ipynb"), stem.with_suffix(".html")
 
@@ -713,6 +736,11 @@ def parse_args(argv: list[str]) -> Options:
             setattr(opts, key, value if key in ("metric", "cost", "readme") else Path(value))
         else:
             opts.filters.append(arg)
+    if (opts.publish or opts.readme) and not CHECKOUT:
+        flag = "--publish" if opts.publish else f"readme={opts.readme}"
+        raise UserError(f"{flag} rewrites the repository's reports/ and README.md, but this benchmark is "
+                        f"installed from a wheel ({REPO}); expected a checkout: run it from a clone "
+                        f"(pip install -e .), or drop {flag}")
     opts.out = opts.out or opts.results_dir / "report"
     opts.notebook_dir = opts.notebook_dir or opts.out
     opts.argv = list(argv)
@@ -765,7 +793,8 @@ def run(opts: Options) -> dict:
     if opts.notebook:
         params = {"table": str(table_path.resolve()), "filters": filters, "metric": opts.metric,
                   "cost": opts.cost}
-        result["notebook"], result["html"] = execute_notebook(NOTEBOOK_SOURCE, Path(opts.notebook_dir), params, REPO)
+        result["notebook"], result["html"] = execute_notebook(NOTEBOOK_SOURCE, Path(opts.notebook_dir), params,
+                                                                REPO if CHECKOUT else Path.cwd())
     if opts.publish:
         result["published"] = publish(summary, figures, REPO / "reports")
     if opts.readme:

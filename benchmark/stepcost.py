@@ -139,14 +139,30 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message}; see python -m benchmark.stepcost --help")
 
 
+def _count(lowest: int):
+    """An argparse type: an integer >= ``lowest``, refused at parsing (before any worker starts)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = lowest - 1
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {lowest}")
+        return value
+
+    parse.__name__ = f"integer >= {lowest}"
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m benchmark.stepcost", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--model", default="dit-tiny")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=_count(1), default=128)
+    parser.add_argument("--steps", type=_count(1), default=10, help="timed steps per round")
+    parser.add_argument("--rounds", type=_count(1), default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--threads", type=_count(0), default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--methods", default="", help="comma list of rows (default: every registered method, "
                         "then the variants their specs declare, e.g. imf+in_context; "
                         "<method>+<key>=<value> measures a method under any one override)")

@@ -73,6 +73,8 @@ BAD = [
     # benchmark.stepcost
     ("stepcost", ["--shape", "4,32"], "'4,32'"),
     ("stepcost", ["--batch", "abc"], "'abc'"),
+    ("stepcost", ["--batch", "0"], "'0' is not an integer >= 1"),
+    ("stepcost", ["--threads", "-1"], "'-1' is not an integer >= 0"),
     ("stepcost", ["--nosuch"], "--nosuch"),
     ("stepcost", ["--methods", "nosuch"], "nosuch"),
     # benchmark.config (regenerates configs/method: any argument is refused before it writes)

@@ -1,6 +1,7 @@
 """The suite installs anywhere: a wheel (not an editable install) in a fresh virtual
 environment outside the repository composes its packaged configs and runs a sweep whose
-records land under the current directory's results/."""
+records land under the current directory's results/, and whose report executes the packaged
+notebook (and refuses to rewrite a README it does not have)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ import pytest
 
 from tests.conftest import REPO
 
-SOURCES = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "benchmark", "methods", "configs")
+SOURCES = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "benchmark", "methods", "configs", "reports")
 
 
-def run(*args: str | Path, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def run(*args: str | Path, cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     # no PYTHONPATH: nothing of the checkout may reach the installed interpreter
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONWARNINGS": "ignore"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONWARNINGS": "ignore"} | (env or {})
     return subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -50,6 +51,7 @@ def test_a_wheel_installed_in_a_fresh_venv_runs_a_sweep_into_the_current_directo
     configs = {f"benchmark/configs/{p.relative_to(REPO / 'configs').as_posix()}"
                for p in (REPO / "configs").rglob("*.yaml")}
     assert configs and configs <= shipped, sorted(configs - shipped)[:5]
+    assert "benchmark/reports/benchmark_report.py" in shipped
 
     venv = tmp_path / "venv"
     # system site packages give torch & co. without downloading; the wheel alone brings the suite
@@ -77,3 +79,22 @@ def test_a_wheel_installed_in_a_fresh_venv_runs_a_sweep_into_the_current_directo
     assert sorted(r["nfe"] for r in records) == [1, 2]
     assert all(r["method"] == "fm" and r["data"] == "gaussian1d" for r in records)
     assert "records under results/runs" in sweep.stdout
+
+    report = run(python, "-m", "benchmark.report", "--publish", cwd=elsewhere)
+    assert report.returncode == 2 and report.stderr.count("error:") == 1, report.stderr[-2000:]
+    assert "installed from a wheel" in report.stderr and "Traceback" not in report.stderr
+    assert not (elsewhere / "results" / "report").exists()  # refused before anything was written
+
+    # the venv borrows nbconvert from the base interpreter, whose data files (the HTML
+    # templates) stay under the base prefix: without JUPYTER_PATH the report says so
+    searched = [venv / "share", Path.home() / ".local" / "share", Path("/usr/local/share"), Path("/usr/share")]
+    if not any((p / "jupyter" / "nbconvert" / "templates" / "lab").is_dir() for p in searched):
+        report = run(python, "-m", "benchmark.report", cwd=elsewhere)
+        assert report.returncode == 2 and "nbconvert cannot find its 'lab' HTML template" in report.stderr, \
+            report.stderr[-2000:]
+        assert not (elsewhere / "results" / "report" / "benchmark_report.ipynb").exists()
+    borrowed = Path(sys.base_prefix) / "share" / "jupyter"
+    report = run(python, "-m", "benchmark.report", cwd=elsewhere, env={"JUPYTER_PATH": str(borrowed)})
+    assert report.returncode == 0, report.stderr[-2000:]
+    html = (elsewhere / "results" / "report" / "benchmark_report.html").read_text()
+    assert "gaussian1d" in html and "Traceback" not in html

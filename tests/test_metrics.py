@@ -15,7 +15,13 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 import benchmark.metrics.digits as digits_metrics
 from benchmark.data import Dataset, load_dataset
 from benchmark.metrics import FEATURE_EXTRACTOR_ID
-from benchmark.metrics.toy import evaluate_toy, mmd_rbf, resampled_sorted, sliced_wasserstein, wasserstein_1d
+from benchmark.metrics.toy import (
+    evaluate_toy,
+    mmd_rbf,
+    resampled_sorted,
+    sliced_wasserstein,
+    wasserstein_1d,
+)
 
 
 @pytest.fixture(scope="module")

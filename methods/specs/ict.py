@@ -26,18 +26,24 @@ from methods.specs.base import (
 
 @dataclass(frozen=True)
 class ICTConfig(MethodConfig):
-    sigma_min: float = train_field(0.002, "smallest EDM noise level (the boundary f(x, sigma_min) = x)")
-    sigma_max: float = train_field(80.0, "largest EDM noise level (the 1-step sampler starts at sigma_max eps)")
-    sigma_data: float = train_field(0.5, "data std in c_skip, c_out, c_in")
-    rho: float = train_field(7.0, "Karras grid exponent of the discrete noise levels")
+    sigma_min: float = train_field(0.002, "smallest EDM noise level (the boundary f(x, sigma_min) = x)",
+        gt=0)
+    sigma_max: float = train_field(80.0, "largest EDM noise level (the 1-step sampler starts at sigma_max eps)",
+        gt=0)
+    sigma_data: float = train_field(0.5, "data std in c_skip, c_out, c_in", gt=0)
+    rho: float = train_field(7.0, "Karras grid exponent of the discrete noise levels", gt=0)
     p_mean: float = train_field(-1.1, "lognormal level sampling: mean of ln sigma")
-    p_std: float = train_field(2.0, "lognormal level sampling: std of ln sigma")
-    s0: int = train_field(10, "curriculum: N(0) - 1 discretisation steps at the start")
-    s1: int = train_field(1280, "curriculum: N - 1 is doubled from s0 up to s1")
-    curriculum_steps: int = train_field(3000, "K, the training steps the curriculum spans; set it to train.steps (default 3000)")
-    huber_c: float | None = train_field(None, "pseudo-Huber c; None = 0.00054 sqrt(d), d the data dimension (paper)")
-    label_dropout: float = train_field(0.0, "per-sample null-label probability; iCT is trained unguided, labels condition the net")
-    sigma_mid: float = eval_field(0.821, "EDM noise level the 2-step sampler re-noises to (CIFAR-10 value; see docs/methods.md §12)")
+    p_std: float = train_field(2.0, "lognormal level sampling: std of ln sigma", gt=0)
+    s0: int = train_field(10, "curriculum: N(0) - 1 discretisation steps at the start", min=1)
+    s1: int = train_field(1280, "curriculum: N - 1 is doubled from s0 up to s1", min=1)
+    curriculum_steps: int = train_field(3000, "K, the training steps the curriculum spans; set it to train.steps (default 3000)",
+        min=1)
+    huber_c: float | None = train_field(None, "pseudo-Huber c; None = 0.00054 sqrt(d), d the data dimension (paper)",
+        gt=0)
+    label_dropout: float = train_field(0.0, "per-sample null-label probability; iCT is trained unguided, labels condition the net",
+        min=0, max=1)
+    sigma_mid: float = eval_field(0.821, "EDM noise level the 2-step sampler re-noises to (CIFAR-10 value; see docs/methods.md §12)",
+        gt=0)
 
     def __post_init__(self) -> None:
         if not 0 < self.sigma_min < self.sigma_max:
