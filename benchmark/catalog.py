@@ -23,21 +23,30 @@ class DatasetInfo:
     metric: str        # metric suite (benchmark.evaluate.METRIC_SUITES)
     metric_id: str     # identity of its definitions and feature network (in evaluation keys)
     eval_samples: int = 1000  # generated samples per evaluation point unless eval.num_samples says
+    options: tuple[str, ...] = ()  # what data.options may name: the loader's keyword arguments
 
 
 FID_METRIC_ID = "fid-v1"
 """Identity of the fid suite's definitions (quantisation, KID subsets, reference sampling)."""
 
+_TOY_OPTIONS = ("num_train", "seed")
+_ROOT_OPTIONS = {"mnist": ("root", "download"), "cifar10": ("root", "download", "conditional"),
+                 "imagefolder": ("root", "resolution", "channels"),
+                 "latents": ("root", "scale", "num_classes", "decoder", "vae")}
+
 DATASETS = {
     # metrics-v2: FD@297 against its floor, bootstrap intervals, memorisation
-    "digits": DatasetInfo("image", True, 1, "digits", f"{FEATURE_EXTRACTOR_ID}/metrics-v2"),
+    "digits": DatasetInfo("image", True, 1, "digits", f"{FEATURE_EXTRACTOR_ID}/metrics-v2",
+                          options=("test_size", "split_seed")),
     # Toys: 20k samples by default; their metrics are exact-sample and cheap, and at 1000
     # samples the metric's noise (~0.01-0.02 in W1) is the size of the few-step methods' errors.
-    **{name: DatasetInfo("toy", False, 1, "toy", TOY_METRIC_ID, 20_000) for name in (
-        "checkerboard", "eight_gaussians", "two_moons", "spirals", "gaussian1d", "gaussian2d")},
+    **{name: DatasetInfo("toy", False, 1, "toy", TOY_METRIC_ID, 20_000, _TOY_OPTIONS) for name in (
+        "checkerboard", "eight_gaussians", "two_moons", "spirals")},
+    **{name: DatasetInfo("toy", False, 1, "toy", TOY_METRIC_ID, 20_000, ("mean", "std", *_TOY_OPTIONS))
+       for name in ("gaussian1d", "gaussian2d")},
     # Read from data.root (layouts below); FD/KID through benchmark.metrics.fid.
-    **{name: DatasetInfo("image", True, 1, "fid", FID_METRIC_ID) for name in (
-        "mnist", "cifar10", "imagefolder", "latents")},
+    **{name: DatasetInfo("image", True, 1, "fid", FID_METRIC_ID, options=options)
+       for name, options in _ROOT_OPTIONS.items()},
 }
 
 
@@ -47,6 +56,18 @@ def dataset_info(name: str) -> DatasetInfo:
     if name not in DATASETS:
         raise UserError(f"unknown dataset '{name}'; expected one of: {', '.join(DATASETS)}")
     return DATASETS[name]
+
+
+def check_data_options(name: str, options: dict) -> None:
+    """Refuse, before anything runs, a ``data.options`` key the dataset's loader does not
+    take (their values are checked by the loader)."""
+    from benchmark.schema import UserError
+
+    accepted = dataset_info(name).options
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise UserError(f"data.options.{unknown[0]} is not an option of data={name}; expected any of: "
+                        f"{', '.join(accepted) or '(none)'}")
 
 
 # ----------------------------------------------------------------------------------------

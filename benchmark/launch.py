@@ -377,6 +377,25 @@ def job_threads(cfg: LauncherConfig) -> int:
     return max(1, (os.cpu_count() or 1) // cfg.max_parallel)
 
 
+def check_embedded_data(trainings: list[TrainingJob]) -> None:
+    """Before any run folder exists: each dataset the sweep generates or ships (digits, the
+    toys; not those read from data.root, whose files the planner checks) is built once
+    with its ``data.options``, so a value its loader refuses (``data.options.std=-1``) is one
+    UserError now, not a failed training.  Each costs well under a second."""
+    from benchmark.catalog import DATA_LAYOUTS
+    from benchmark.data import load_dataset
+    from benchmark.keys import canonical_json
+
+    seen = set()
+    for job in trainings:
+        data = job.config.data
+        key = canonical_json({"name": data.name, "options": data.options})
+        if data.name in DATA_LAYOUTS or key in seen:
+            continue
+        seen.add(key)
+        load_dataset(data.name, **data.options)
+
+
 def check_feature_networks(trainings: list[TrainingJob], store: Store) -> None:
     """Before anything trains: each Inception weights file the sweep's evaluations will
     read is loaded by its backend and run forward on two images, so a truncated or foreign

@@ -18,6 +18,7 @@ from benchmark.catalog import (
     BACKBONE_VERSIONS,
     DATA_LAYOUTS,
     DatasetInfo,
+    check_data_options,
     data_files_fingerprint,
     dataset_info,
 )
@@ -111,6 +112,7 @@ def training_identity(cfg: RunConfig, method_name: str, method_train: dict, plan
     """Everything that changes the trained weights, versions included."""
     spec = get_spec(method_name)
     data = dataset_info(cfg.data.name)
+    check_data_options(cfg.data.name, cfg.data.options)
     return {
         "method": {"name": method_name, "version": spec.version, **method_train},
         "model": {**semantic_fields(cfg.model), "backbone_version": BACKBONE_VERSIONS[cfg.model.backbone]},

@@ -195,9 +195,10 @@ def execute(plan: Plan, store: Store, force: bool = False, sweep: str = "",
     from their checkpoints; ``force_train``: its trainings too (``_forget``).  Returns the
     records that exist and what failed (``benchmark.launch.Failure``: each failed training
     and evaluation point)."""
-    from benchmark.launch import check_feature_networks, launch
+    from benchmark.launch import check_embedded_data, check_feature_networks, launch
 
     force = force or force_train
+    check_embedded_data(plan.trainings)  # a data.options value its loader refuses fails before any folder
     if force or not all(store.has_eval(ev.train_key, ev.key) for ev in plan.evaluations):
         check_feature_networks(plan.trainings, store)  # a bad Inception file fails now, not after training
     torchrun = _torchrun_world() > 1  # torchrun: every rank runs this; rank 0 leads

@@ -48,6 +48,9 @@ BAD = [
     ("run", ["eval.ema=abc"], "eval.ema='abc'"),
     ("run", ["train.nosuch=1"], "train.nosuch"),
     ("run", ["--config", "nosuch.yaml"], "nosuch.yaml"),
+    ("run", ["data=gaussian1d", "model=mlp", "train=toy", "data.options.nosuch=1"], "data.options.nosuch"),
+    ("run", ["data=gaussian1d", "model=mlp", "train=toy", "data.options.std=-1"], "std=[-1.0]"),
+    ("run", ["data.options.test_size=5000"], "test_size=5000"),
     # benchmark.tune (its own command line)
     ("tune", ["--nosuch"], "--nosuch"),
     ("tune", ["-x"], "-x"),

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
 import torch
 
+from benchmark.catalog import dataset_info
 from benchmark.data import DATASETS, Dataset, fingerprint_dataset, load_dataset
+from benchmark.schema import UserError
 
 TOYS = ["checkerboard", "eight_gaussians", "two_moons", "spirals", "gaussian1d", "gaussian2d"]
 
@@ -131,17 +134,26 @@ def test_registry_holds_digits_and_every_toy() -> None:
 
 
 def test_unknown_dataset_name_raises_with_the_list_of_names() -> None:
-    with pytest.raises(ValueError, match=r"unknown dataset 'cifar'; expected one of: .*digits"):
+    with pytest.raises(UserError, match=r"unknown dataset 'cifar'; expected one of: .*digits"):
         load_dataset("cifar")
 
 
 def test_unknown_option_raises_naming_it_and_the_accepted_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown option\(s\) colour.*test_size, split_seed"):
+    with pytest.raises(UserError, match=r"data.options.colour is not an option of data=digits; "
+                                        r"expected any of: test_size, split_seed"):
         load_dataset("digits", colour=True)
 
 
+def test_the_catalog_declares_exactly_the_options_each_loader_takes() -> None:
+    # the planner refuses unknown data.options from the catalog (torch-free), so the two
+    # lists must not drift apart
+    for name, factory in DATASETS.items():
+        taken = tuple(p for p in inspect.signature(factory).parameters if p != "name")
+        assert dataset_info(name).options == taken, name
+
+
 def test_nonpositive_gaussian_std_raises_naming_the_value() -> None:
-    with pytest.raises(ValueError, match=r"std=\[-1.0\]"):
+    with pytest.raises(UserError, match=r"data=gaussian1d data.options: .*std=\[-1.0\]"):
         load_dataset("gaussian1d", std=-1.0)
-    with pytest.raises(ValueError, match="expected 2 value"):
+    with pytest.raises(UserError, match="expected 2 value"):
         load_dataset("gaussian2d", mean=[0.0])

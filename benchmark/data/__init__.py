@@ -11,34 +11,29 @@ Unconditional data has ``num_classes = 0``, so every label is 0, the null label.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
 __all__ = ["DATASETS", "Dataset", "fingerprint_dataset", "load_dataset"]
 
+from benchmark.catalog import check_data_options
 from benchmark.data.base import Dataset, fingerprint_dataset
+from benchmark.schema import UserError
 
 
 def load_dataset(name: str, **options: Any) -> Dataset:
     """Build the dataset registered as ``name`` with the given factory options.
 
-    Raises ``ValueError`` naming the bad value and the accepted ones for an unknown
-    dataset name or an option the factory does not take.
+    Raises :class:`~benchmark.schema.UserError` (one line, exit 2 at a command line) naming
+    the bad value and the accepted ones for an unknown dataset name, an option the factory
+    does not take (``benchmark.catalog`` declares them, so the planner refuses these before
+    anything runs), or an option value the factory refuses.
     """
-    if name not in DATASETS:
-        raise ValueError(
-            f"unknown dataset {name!r}; expected one of: {', '.join(sorted(DATASETS))}"
-        )
-    factory = DATASETS[name]
-    accepted = [p for p in inspect.signature(factory).parameters if p != "name"]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"dataset {name!r} got unknown option(s) {', '.join(unknown)}; "
-            f"expected any of: {', '.join(accepted) or '(none)'}"
-        )
-    return factory(**options)
+    check_data_options(name, options)
+    try:
+        return DATASETS[name](**options)
+    except ValueError as err:  # a factory's own check of an option's value
+        raise UserError(f"data={name} data.options: {err}") from None
 
 
 from benchmark.data.digits import load_digits  # noqa: E402
