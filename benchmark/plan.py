@@ -304,9 +304,22 @@ def _check_aux_head(cfg: RunConfig, mcfg: Any) -> None:
                         f"of depth {depth}; expected method.aux_depth < {depth} (or method.v_head=boundary)")
 
 
+IGNORED_MODEL_FIELDS = {"dit": ("width", "depth"), "mlp": ("conditioning_mode", "label_init_std")}
+"""model.* fields a backbone does not read (a DiT's size comes from its name): they stay at
+their schema defaults, so a value there cannot change a key without changing the model."""
+
+
 def _check_backbone(cfg: RunConfig, kind: str) -> None:
     if cfg.model.backbone == "dit" and cfg.model.name not in group_choices("model"):
         _dit_depth(cfg.model.name)
+    defaults = {f.name: f.default for f in dataclasses.fields(type(cfg.model))}
+    for name in IGNORED_MODEL_FIELDS[cfg.model.backbone]:
+        value = getattr(cfg.model, name)
+        if value != defaults[name]:
+            other = "mlp" if cfg.model.backbone == "dit" else "dit-*"
+            raise UserError(f"model.{name}={value!r} has no effect on model={cfg.model.name} (the "
+                            f"{cfg.model.backbone} backbone does not read it); expected it unset (default "
+                            f"{defaults[name]!r}), or a model={other} that reads it")
     expected = "dit" if kind == "image" else "mlp"
     if cfg.model.backbone != expected:
         raise UserError(f"model={cfg.model.name} is a {cfg.model.backbone} backbone but data="

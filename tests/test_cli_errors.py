@@ -51,6 +51,9 @@ BAD = [
     ("run", ["data=gaussian1d", "model=mlp", "train=toy", "data.options.nosuch=1"], "data.options.nosuch"),
     ("run", ["data=gaussian1d", "model=mlp", "train=toy", "data.options.std=-1"], "std=[-1.0]"),
     ("run", ["data.options.test_size=5000"], "test_size=5000"),
+    ("run", ["model.width=64"], "model.width=64 has no effect on model=dit-tiny"),
+    ("run", ["data=gaussian1d", "model=mlp", "train=toy", "model.label_init_std=0.02"],
+     "model.label_init_std=0.02 has no effect on model=mlp"),
     # benchmark.tune (its own command line)
     ("tune", ["--nosuch"], "--nosuch"),
     ("tune", ["-x"], "-x"),
