@@ -63,7 +63,7 @@ from benchmark.compare import (  # noqa: E402
     variant_labels,
 )
 from benchmark.store import atomic_write_bytes  # noqa: E402
-from benchmark.table import COST_AXES, FLOORS, metric_info, quality_metric  # noqa: E402
+from benchmark.table import COST_AXES, FLOORS, config_columns, metric_info, quality_metric  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="notebook")
 
@@ -118,9 +118,13 @@ def caption(df: pd.DataFrame, skip: set[str] = frozenset(), seeds: bool = True) 
         if len(values) == 1:
             value = ema_text(values[0]) if col == "eval.ema" else short_value(df[col].dropna().iloc[0])
             parts.append(form.format(value))
-    n = df["seed"].nunique() if "seed" in df.columns else 1
+    keys = config_columns(df)  # a point per configuration; its seeds are pooled
+    sizes = pd.Series(["\x1f".join(map(str, row)) for row in df[keys].itertuples(index=False)]).value_counts()
+    n, fewest = (int(sizes.max()), int(sizes.min())) if len(sizes) else (1, 1)
     if seeds:
         parts.append(f"mean of {n} seeds ± 95% interval (Student's t)" if n > 1 else "1 seed ± 95% bootstrap interval")
+        if n > 1 and fewest == 1:
+            parts.append("1-seed points: their bootstrap interval")
     return " · ".join(parts)
 
 

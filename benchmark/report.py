@@ -27,6 +27,7 @@ import html
 import math
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -232,7 +233,9 @@ def resolved_better(a: dict, b: dict, lower: bool) -> bool:
 
     sign = 1.0 if lower else -1.0
     if len(a["values"]) > 1 and len(b["values"]) > 1:
-        t, p = stats.ttest_ind(a["values"], b["values"], equal_var=False)
+        with warnings.catch_warnings():  # identical seeds (class accuracy 1.0 three times): scipy warns
+            warnings.simplefilter("ignore", RuntimeWarning)  # of cancellation; t is then exact (or NaN: a tie)
+            t, p = stats.ttest_ind(a["values"], b["values"], equal_var=False)
         return bool(sign * t < 0 and p / 2 < SIGNIFICANCE)
     if any(math.isnan(x) for x in (a["lo"], a["hi"], b["lo"], b["hi"])):
         return False
@@ -291,13 +294,17 @@ def _cells(agg: pd.DataFrame, metric: str, row: str, col: str) -> dict[tuple, di
 
 def interval_note(agg: pd.DataFrame, metric: str) -> str:
     """One sentence on what the ± means and how the best cell was decided."""
-    seeds = int(agg["n"].max())
+    seeds, fewest = int(agg["n"].max()), int(agg["n"].min())
     what = (f"mean ± half-width of the 95% interval over {seeds} training seeds (Student's t)" if seeds > 1
             else "value ± half-width of its 95% bootstrap interval (sampling noise of one evaluation; one seed)")
+    if seeds > 1 and fewest == 1:
+        what += "; a cell from one seed: its evaluation's 95% bootstrap interval (sampling noise only)"
     if metric_info(metric).lower_is_better is None:
         return f"{what}; a diagnostic, nothing is marked best"
     test = ("Welch's one-sided t-test at 5% over seeds" if seeds > 1
             else "non-overlapping 95% intervals")
+    if seeds > 1 and fewest == 1:
+        test += "; non-overlapping 95% intervals where a side has one seed"
     return f"{what}; bold: the best of a column, only where it beats the runner-up ({test})"
 
 

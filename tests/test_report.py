@@ -232,6 +232,22 @@ def test_best_guidance_needs_a_selection_seed() -> None:
     assert report.best_guidance_tables(df) == []
 
 
+def test_a_table_and_a_caption_mixing_three_seed_and_one_seed_cells_say_what_each_interval_is() -> None:
+    from benchmark import plots
+
+    three = _fake_evaluations(3, {"fm": 1.0}, spread=0.05, rng_seed=0)
+    one = _fake_evaluations(1, {"imf": 1.5}, spread=0.05, rng_seed=0)
+    mixed = pd.concat([three, one], ignore_index=True)
+    [t] = report.method_nfe_tables(mixed, ["fd"])
+    assert "over 3 training seeds (Student's t); a cell from one seed: its evaluation's 95% bootstrap" in t.note
+    assert "non-overlapping 95% intervals where a side has one seed" in t.note
+    assert plots.caption(mixed).endswith("mean of 3 seeds ± 95% interval (Student's t) · "
+                                         "1-seed points: their bootstrap interval")
+    assert plots.caption(three).endswith("mean of 3 seeds ± 95% interval (Student's t)")
+    [t] = report.method_nfe_tables(three, ["fd"])
+    assert "a cell from one seed" not in t.note
+
+
 def test_a_column_with_one_entry_marks_nothing() -> None:
     one = _fake_evaluations(3, {"fm": 1.0}, spread=0.05, rng_seed=0)
     [t] = report.method_nfe_tables(one, ["fd"])
