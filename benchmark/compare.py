@@ -81,6 +81,14 @@ def _key_text(value) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
+def configurations(df: pd.DataFrame) -> pd.Series:
+    """A text key per row naming its configuration (``config_columns``: seeds excluded), so
+    the seeds of one configuration share it; NaN-holding settings group reliably as text."""
+    keys = config_columns(df)
+    return pd.Series(["\x1f".join(map(_key_text, row)) for row in df[keys].itertuples(index=False)],
+                     index=df.index, dtype=object)
+
+
 def aggregate(df: pd.DataFrame, values: list[str], axes: set[str]) -> pd.DataFrame:
     """One row per configuration (seeds pooled): its settings, ``label`` (see
     :func:`variant_labels`), the first sample grid, the count ``n`` and per value: its mean,
@@ -94,10 +102,7 @@ def aggregate(df: pd.DataFrame, values: list[str], axes: set[str]) -> pd.DataFra
 
     keys = config_columns(df)
     values = [v for v in values if v in df.columns]
-    # a text key per configuration: NaN-holding settings group reliably as text
-    config = pd.Series(["\x1f".join(map(_key_text, row)) for row in df[keys].itertuples(index=False)],
-                       index=df.index)
-    groups = df.assign(label=variant_labels(df, axes), _config=config).groupby("_config", sort=False)
+    groups = df.assign(label=variant_labels(df, axes), _config=configurations(df)).groupby("_config", sort=False)
     out = pd.concat([groups[keys + ["label", "grid"]].first(), groups[values].mean(),
                      groups[values].std(ddof=1).add_suffix(".std"), groups.size().rename("n")],
                     axis=1).reset_index(drop=True)

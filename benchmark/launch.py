@@ -8,11 +8,11 @@ mirrors the records afterwards, so parallel jobs cannot race on the tracking sto
 tasks are ``Checkpointable``: on a time limit or preemption SLURM requeues them; a training
 resumes from the run's latest state, an evaluation skips the points it already recorded
 (each record is written atomically, so an interrupted point is computed again).  Every
-cached unit has a lock: a training its run folder's, an evaluation point its own (``Store.eval_lock``), each taken before computing
-and followed by a second look at the cache, so concurrent identical sweeps compute each
-unit once and the others reuse it.  A failed or cancelled task caches nothing; with every
-launcher, inline included, the others go on, the command lists the failures, exits 1,
-and a rerun retries only them.
+cached unit has a lock: a training its run folder's, an evaluation point its own
+(``Store.eval_lock``), each taken before computing and followed by a second look at the
+cache, so concurrent identical sweeps compute each unit once and the others reuse it.  A
+failed or cancelled task caches nothing; with every launcher, inline included, the others
+go on, the command lists the failures, exits 1, and a rerun retries only them.
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ from matplotlib.ticker import (  # noqa: E402
 from benchmark.compare import (  # noqa: E402
     aggregate,
     at_reference,
+    configurations,
     cost_axis,
     ema_order,
     ema_text,
@@ -63,7 +64,7 @@ from benchmark.compare import (  # noqa: E402
     variant_labels,
 )
 from benchmark.store import atomic_write_bytes  # noqa: E402
-from benchmark.table import COST_AXES, FLOORS, config_columns, metric_info, quality_metric  # noqa: E402
+from benchmark.table import COST_AXES, FLOORS, metric_info, quality_metric  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="notebook")
 
@@ -118,8 +119,7 @@ def caption(df: pd.DataFrame, skip: set[str] = frozenset(), seeds: bool = True) 
         if len(values) == 1:
             value = ema_text(values[0]) if col == "eval.ema" else short_value(df[col].dropna().iloc[0])
             parts.append(form.format(value))
-    keys = config_columns(df)  # a point per configuration; its seeds are pooled
-    sizes = pd.Series(["\x1f".join(map(str, row)) for row in df[keys].itertuples(index=False)]).value_counts()
+    sizes = configurations(df).value_counts()  # seeds per plotted point
     n, fewest = (int(sizes.max()), int(sizes.min())) if len(sizes) else (1, 1)
     if seeds:
         parts.append(f"mean of {n} seeds ± 95% interval (Student's t)" if n > 1 else "1 seed ± 95% bootstrap interval")

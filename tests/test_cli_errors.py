@@ -61,6 +61,7 @@ BAD = [
     ("tune", ["tune=fm_toy", "tune.n_trials=0"], "tune.n_trials=0"),
     ("tune", ["tune=fm_toy", "method.solver=rk4"], "method.solver='rk4'"),
     ("tune", ["tune=fm_toy", "nfe=1", "nfe=2"], "nfe=1,2"),
+    ("tune", ["tune=fm_toy", "data=gaussian1d", "data.options.std=-1"], "std=[-1.0]"),
     # benchmark.report
     ("report", ["--nosuch"], "--nosuch"),
     ("report", ["results_dir="], "results_dir="),

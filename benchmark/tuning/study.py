@@ -80,6 +80,10 @@ def resolve(argv: list[str]) -> Tuning:
     if "nfe" in set_keys:
         raise UserError("nfe is set by the objective: expected tune.nfe=N (the NFE the metric is measured at)")
     base_plan, base_job, base_eval = plan_trial([*base, f"nfe={cfg.nfe}"])
+    # a data.options value its loader refuses: one line before any study (launch imports submitit: here only)
+    from benchmark.launch import check_embedded_data
+
+    check_embedded_data([base_job])
     data = dataset_info(base_job.config.data.name)
     if cfg.metric not in suite_metrics(data.metric):
         raise UserError(f"tune.metric={cfg.metric} is not recorded for data={base_job.config.data.name}; "
