@@ -143,11 +143,13 @@ def _ema_styles(values) -> dict[str, dict]:
 
 
 def _legend(fig: Figure, order: list[str], palette: dict, styles: dict, extra: list | None = None,
-            marker: str = "o", line: bool = True) -> None:
-    """One entry per series (colour), one per EMA setting when several (line style), then
-    ``extra`` handles; outside the axes, where it never hides a point."""
-    handles = [Line2D([], [], color=palette[s], marker=marker, ms=5, lw=1.8, ls="-" if line else "none", label=s)
-               for s in order]
+            marker: str = "o", line: bool = True, dashes: dict | None = None) -> None:
+    """One entry per series (colour; its line style from ``dashes`` when given), one per EMA
+    setting when several (line style), then ``extra`` handles; outside the axes, where it
+    never hides a point."""
+    dashes = dashes or {}
+    handles = [Line2D([], [], color=palette[s], marker=marker, ms=5, lw=1.8,
+                      ls=dashes.get(s, "-") if line else "none", label=s) for s in order]
     if len(styles) > 1:
         handles += [Line2D([], [], color="0.3", marker=marker, ms=5, lw=1.5, ls=st["ls"],
                            mfc=st["mfc"] or "0.3", label=ema_text(e)) for e, st in styles.items()]
@@ -401,13 +403,18 @@ def training_curves(df: pd.DataFrame, curves: pd.DataFrame) -> Figure | None:
     runs, order = _series(runs, {"nfe", "guidance", "eval.", "nfe_counted"})
     variant = runs.set_index("train_key")["series"]
     palette = _palette(order)
+    # a dash pattern per variant as well as a colour: two variants whose losses coincide
+    # (MeanFlow's and iMF's adaptive-weighted losses both sit at ~1) stay visible
+    patterns = ["-", (0, (5, 2)), (0, (1, 1.5)), (0, (6, 2, 1, 2)), (0, (3, 1, 1, 1, 1, 1))]
+    dashes = {s: patterns[i % len(patterns)] for i, s in enumerate(order)}
     fig, [ax] = _panels(1, width=5.6, height=3.6)
     for key, curve in curves.groupby("train_key", sort=False):
         curve = curve.sort_values("step")
-        ax.plot(curve["step"], curve["loss"], color=palette[variant[key]], lw=1.4, alpha=0.85)
+        ax.plot(curve["step"], curve["loss"], color=palette[variant[key]], ls=dashes[variant[key]],
+                lw=1.6, alpha=0.85)
     _value_y(ax, curves["loss"])
     ax.set(xlabel="optimizer step", ylabel="training loss")
-    _legend(fig, order, palette, {}, marker="")
+    _legend(fig, order, palette, {}, marker="", dashes=dashes)
     runs_per = runs.groupby("series").size().max()
     note = " · ".join(filter(None, [caption(runs, {"guidance", "eval.ema", "eval.num_samples"}, seeds=False),
                                     f"a line per seed ({runs_per} per variant)" if runs_per > 1 else "",

@@ -47,6 +47,7 @@ from benchmark.schema import Failure, RunConfig, TrainConfig, UserError, method_
 from benchmark.store import Store, atomic_write_bytes
 from methods import get_method, get_spec
 from methods.base import Batch, Method
+from methods.specs.base import teacher_decay_at
 
 
 class TrainingDiverged(Failure):
@@ -65,6 +66,7 @@ class Trainee:
     teacher: nn.Module | None
     teacher_decay: float | None
     device: torch.device
+    teacher_rampup: float = 0.0  # cap on the teacher's half-life, a fraction of the steps done
     eval_nets: dict = field(default_factory=dict)  # reconstructed EMA nets, by (sigma_rel, step)
     precision: str = "fp32"  # fp32 | bf16 (autocast of the loss)
     loss_fn: Callable | None = None  # the method's loss, compiled when train.compile is set
@@ -108,8 +110,8 @@ def build_trainee(cfg: RunConfig, method_name: str, method_train: dict) -> Train
     decay = spec.teacher_decay(mcfg)
     teacher = copy.deepcopy(net).requires_grad_(False) if decay is not None else None
     loss_fn = torch.compile(method.loss) if cfg.train.compile else None
-    return Trainee(dataset, method, net, ema, teacher, decay, device, precision=cfg.train.precision,
-                   loss_fn=loss_fn)
+    return Trainee(dataset, method, net, ema, teacher, decay, device, spec.teacher_rampup(mcfg),
+                   precision=cfg.train.precision, loss_fn=loss_fn)
 
 
 def step_seed(seed: int, micro_batch: int, step: int) -> int:
@@ -338,7 +340,8 @@ def train_step(t: Trainee, opt, params, tc: TrainConfig, seed: int, step: int,
     t.ema.update(t.net, step + 1)
     if t.teacher is not None:
         with torch.no_grad():
-            torch._foreach_lerp_(list(t.teacher.parameters()), list(t.net.parameters()), 1 - t.teacher_decay)
+            decay = teacher_decay_at(t.teacher_decay, t.teacher_rampup, step + 1)
+            torch._foreach_lerp_(list(t.teacher.parameters()), list(t.net.parameters()), 1 - decay)
     return value
 
 

@@ -508,6 +508,26 @@ def test_legend_names_the_method_and_only_what_varies_ema_is_line_style_and_the_
     plt_close(fig)
 
 
+def test_training_curves_that_coincide_stay_visible_each_variant_its_own_colour_and_dash() -> None:
+    """Two variants with the same loss curve (MeanFlow's and iMF's adaptive-weighted losses
+    both sit at ~1) differ in dash pattern as well as colour, in the lines and the legend."""
+    from benchmark import plots
+
+    rows = _digits_rows()
+    keys = list(dict.fromkeys(rows["train_key"]))
+    curves = pd.DataFrame([{"train_key": k, "step": s, "loss": 1.0, "lr": 1e-3} for k in keys for s in (50, 100, 150)])
+    fig = plots.training_curves(rows, curves)
+    [ax] = fig.axes
+    lines = ax.get_lines()
+    assert len(lines) == len(keys) == 3
+    assert len({tuple(line.get_color()) for line in lines}) == 3
+    assert len({line._unscaled_dash_pattern for line in lines}) == 3  # a dash pattern each, not colour alone
+    legend = fig.legends[0].legend_handles
+    assert [h.get_label() for h in legend] == ["fm", "meanflow (omega=1)", "meanflow (omega=2)"]
+    assert len({h._unscaled_dash_pattern for h in legend}) == 3
+    plt_close(fig)
+
+
 def test_a_value_axis_is_log_only_where_it_spans_more_than_a_decade_and_the_floor_is_a_labelled_line() -> None:
     from benchmark import plots
 

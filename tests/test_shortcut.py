@@ -23,7 +23,7 @@ from methods.shortcut import (
     sc_levels,
     two_step_average,
 )
-from methods.specs.base import InvalidPoint
+from methods.specs.base import InvalidPoint, teacher_decay_at
 from methods.specs.shortcut import ShortcutConfig, ShortcutSpec
 from tests.closed_form import shortcut_target, velocity
 
@@ -106,6 +106,7 @@ def test_every_config_field_is_a_training_axis_with_official_defaults():
         "denoise_timesteps": 128, "bootstrap_every": 8, "bootstrap_ema": True, "bootstrap_clip": 4.0,
         "bootstrap_cfg_scale": 1.0, "label_dropout": 0.1, "eps_min": 1e-5,
         "teacher_decay": 0.99,  # official 0.999; 0.99 fits the few-thousand-step budgets
+        "teacher_rampup": 0.05,  # EDM's ema_rampup_ratio; 0 = the official constant decay
     }
     assert SPEC.conditioning(cfg) == ("t", "d")
     assert SPEC.guidance == "eval_cfg"
@@ -304,6 +305,60 @@ def test_without_bootstrap_ema_the_spec_declares_no_teacher_and_the_online_net_t
     method.loss(net, gaussian_batch(64, 10, torch.float32), step=0,
                 generator=torch.Generator().manual_seed(0), teacher=None)
     assert net.passes == 64 + 2 * 8
+
+
+def test_the_teacher_half_life_is_capped_at_the_rampup_fraction_of_the_steps_done():
+    # 0.99 has a half-life of ln 0.5 / ln 0.99 = 68.97 steps; with rampup 0.05 the cap
+    # 0.05 s binds until s = 1379.3, so after 300 steps the half-life is 15 steps.
+    assert teacher_decay_at(0.99, 0.05, 300) ** 15 == pytest.approx(0.5, rel=1e-12)
+    assert teacher_decay_at(0.99, 0.05, 100) ** 5 == pytest.approx(0.5, rel=1e-12)
+    assert teacher_decay_at(0.99, 0.05, 1380) == 0.99 == teacher_decay_at(0.99, 0.05, 3000)
+    assert teacher_decay_at(0.99, 0.05, 1379) < 0.99
+    # the first update copies the net (half-life 0.05 steps): no memory of the init
+    assert teacher_decay_at(0.99, 0.05, 1) == pytest.approx(0.5**20, rel=1e-12)
+    assert teacher_decay_at(0.99, 0.0, 1) == 0.99  # rampup 0: the official constant decay
+    assert Shortcut.spec.teacher_rampup(ShortcutConfig()) == 0.05
+    assert Shortcut.spec.teacher_rampup(ShortcutConfig(teacher_rampup=0.0)) == 0.0
+    with pytest.raises(ValueError, match="teacher_rampup=-0.1"):
+        ShortcutConfig(teacher_rampup=-0.1)
+
+
+def test_the_harness_teacher_follows_the_ramped_decay_from_the_initial_weights():
+    """After one training step the teacher is the net (to 0.5^20 of the init); after a
+    second it is the lerp at the decay for two steps done; with rampup 0 it keeps 99% of
+    the init after one step, as a constant 0.99 EMA does."""
+    from benchmark.config import compose_points
+    from benchmark.plan import plan_points
+    from benchmark.train import build_trainee, train_step
+
+    def trainee(*overrides):
+        job = plan_points(compose_points(["method=shortcut", "train.device=cpu", *overrides])).trainings[0]
+        t = build_trainee(job.config, job.method_name, job.method_train)
+        opt = torch.optim.SGD(t.net.parameters(), lr=0.5)
+        params = [p for p in t.net.parameters() if p.requires_grad]
+        init = [p.detach().clone() for p in t.net.parameters()]
+        return job, t, opt, params, init
+
+    def flat(ps):
+        return torch.cat([p.detach().flatten() for p in ps])
+
+    job, t, opt, params, init = trainee()
+    tc = job.config.train
+    train_step(t, opt, params, tc, 0, 0, range(1), 16)
+    moved = flat(t.net.parameters()) - flat(init)
+    assert moved.norm() > 0
+    gap = flat(t.teacher.parameters()) - flat(t.net.parameters())
+    torch.testing.assert_close(gap, -(0.5**20) * moved, atol=1e-9, rtol=0)
+    before = [p.detach().clone() for p in t.teacher.parameters()]
+    train_step(t, opt, params, tc, 0, 1, range(1), 16)
+    beta = teacher_decay_at(0.99, 0.05, 2)
+    expect = beta * flat(before) + (1 - beta) * flat(t.net.parameters())
+    torch.testing.assert_close(flat(t.teacher.parameters()), expect, atol=1e-6, rtol=0)
+
+    job, t, opt, params, init = trainee("method.teacher_rampup=0")
+    train_step(t, opt, params, job.config.train, 0, 0, range(1), 16)
+    expect = 0.99 * flat(init) + 0.01 * flat(t.net.parameters())
+    torch.testing.assert_close(flat(t.teacher.parameters()), expect, atol=1e-6, rtol=0)
 
 
 def test_loss_is_a_function_of_the_generator_seed():

@@ -14,6 +14,7 @@ Conventions (one for the whole suite, see the README and docs/methods.md §0): `
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -132,6 +133,12 @@ class MethodSpec:
         post-hoc and the same for every method."""
         return None
 
+    def teacher_rampup(self, cfg: MethodConfig) -> float:
+        """Cap on the teacher's half-life as a fraction of the steps done (EDM's
+        ``ema_rampup_ratio``), so it carries no memory of the initial weights and tracks the
+        net early in training; 0 keeps the decay constant from step 0."""
+        return 0.0
+
     def allowed_nfe(self, cfg: MethodConfig) -> tuple[int, ...] | None:
         """The NFE (steps) values this method can sample with; ``None`` means any NFE >= 1."""
         return None
@@ -159,3 +166,14 @@ class MethodSpec:
             raise InvalidPoint(
                 f"{self.name} has no classifier-free guidance; expected guidance=1, got {guidance}"
             )
+
+
+def teacher_decay_at(decay: float, rampup: float, steps_done: int) -> float:
+    """The teacher's decay for the update after ``steps_done`` optimizer steps: ``decay``,
+    with its half-life ln 0.5 / ln decay capped at ``rampup * steps_done`` steps when
+    ``rampup > 0`` (Karras et al. 2022, EDM training loop: ``ema_halflife_nimg =
+    min(ema_halflife_nimg, cur_nimg * ema_rampup_ratio)``, ``beta = 0.5 ** (1 / halflife)``)."""
+    if rampup <= 0.0 or decay <= 0.0:
+        return decay
+    halflife = min(math.log(0.5) / math.log(decay), rampup * steps_done)
+    return 0.5 ** (1.0 / halflife) if halflife > 0 else 0.0
