@@ -12,12 +12,13 @@ under both the report's tables (``benchmark.report``) and its plots (``benchmark
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pandas as pd
 
 from benchmark.backbones.sizes import size_order
-from benchmark.schema import EvalConfig, UserError
+from benchmark.schema import EvalConfig, ModelConfig, UserError
 from benchmark.table import COST_AXES, config_columns
 
 REPORTED_EVAL_SEED = EvalConfig().seed
@@ -63,17 +64,49 @@ def varying_fields(df: pd.DataFrame, axes: set[str]) -> dict[str, list[str]]:
             for method, rows in df.groupby("method", sort=False)}
 
 
-def variant_labels(df: pd.DataFrame, axes: set[str], name=str) -> pd.Series:
-    """``method`` plus every setting that varies within that method, except the axes, each
-    as ``name(column)=value``.
+def field_default(method: str, column: str):
+    """The default of a ``method.*`` or ``model.*`` setting (the method's spec, the model
+    schema), or None where there is none to compare with."""
+    from methods.specs import get_spec
 
-    Two rows share a label exactly when they differ only in the axes (and seeds).
-    """
+    group, _, name = column.partition(".")
+    try:
+        cls = get_spec(method).Config if group == "method" else ModelConfig if group == "model" else None
+    except (KeyError, ValueError):
+        return None
+    found = {f.name: f for f in dataclasses.fields(cls)} if cls else {}
+    if name not in found or found[name].default is dataclasses.MISSING:
+        return None
+    return found[name].default
+
+
+def _same(value, default) -> bool:
+    if default is None or value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    return str(value) == str(default) or (isinstance(default, (int, float)) and not isinstance(default, bool)
+                                          and isinstance(value, (int, float)) and float(value) == float(default))
+
+
+def variant_labels(df: pd.DataFrame, axes: set[str], name=str) -> pd.Series:
+    """``method`` plus the settings that vary within that method, except the axes, each as
+    ``name(column)=value``.  Where one setting varies every label names it; where several
+    vary (an ablation), a label names only those where the row departs from the method's
+    defaults (``field_default``), and a row at every default reads ``method (defaults)``,
+    so ``imf (method.omega_max=1)`` rather than the value of every ablated field.
+
+    Two rows share a label exactly when they differ only in the axes (and seeds): two
+    configurations differ in some varying setting, and at most one of them is at its default."""
     fields = varying_fields(df, axes)
     labels = pd.Series("", index=df.index, dtype=object)
     for i, row in df.iterrows():
-        extra = ", ".join(f"{name(c)}={short_value(row[c])}" for c in fields[row["method"]])
-        labels[i] = f"{row['method']} ({extra})" if extra else str(row["method"])
+        method, shown = row["method"], fields[row["method"]]
+        if len(shown) > 1:
+            shown = [c for c in shown if not _same(row[c], field_default(method, c))]
+            if not shown:
+                labels[i] = f"{method} (defaults)"
+                continue
+        extra = ", ".join(f"{name(c)}={short_value(row[c])}" for c in shown)
+        labels[i] = f"{method} ({extra})" if extra else str(method)
     return labels
 
 

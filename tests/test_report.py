@@ -348,6 +348,25 @@ def _digits_rows() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def test_an_ablation_labels_each_variant_by_where_it_departs_from_the_defaults() -> None:
+    """Several iMF fields vary: a label names only the non-default ones (aux_depth=8 is not
+    repeated on every row); one varying field (FM's backbone) is named on every row."""
+    from benchmark.compare import variant_labels
+
+    imf = [dict(aux_depth=8, omega_max=8.0, time_input=False, v_head="boundary"),
+           dict(aux_depth=8, omega_max=1.0, time_input=False, v_head="boundary"),
+           dict(aux_depth=8, omega_max=1.0, time_input=True, v_head="boundary"),
+           dict(aux_depth=2, omega_max=8.0, time_input=False, v_head="aux")]
+    rows = [{"method": "imf", "nfe": 1, "model.conditioning_mode": "adaln",
+             **{f"method.{k}": v for k, v in fields.items()}} for fields in imf]
+    rows += [{"method": "fm", "nfe": 1, "model.conditioning_mode": mode} for mode in ("adaln", "in_context")]
+    labels = list(variant_labels(pd.DataFrame(rows), {"nfe"}))
+    assert labels == ["imf (defaults)", "imf (method.omega_max=1)", "imf (method.omega_max=1, method.time_input=True)",
+                      "imf (method.aux_depth=2, method.v_head=aux)",
+                      "fm (model.conditioning_mode=adaln)", "fm (model.conditioning_mode=in_context)"]
+    assert len(set(labels)) == len(labels)
+
+
 def test_each_varying_axis_has_its_own_table_and_the_others_hold_it_at_its_reference() -> None:
     """Guidance and EMA rows never mix into the Method × NFE table: it reads ω = 1 and the
     default EMA; the guidance table reads the default EMA, the EMA table ω = 1."""
