@@ -21,7 +21,9 @@ Training batch (B samples)
 - Self-consistency (SC) part, the first ``B // bootstrap_every`` samples: levels
   k = log2(M)-1, ..., 0 (d = 2/M ... 1) get ``(B // bootstrap_every) // log2(M)`` samples
   each, the remainder gets k = 0 (d = 1); t = j d with j ~ U{0..1/d - 1}.  Target, no
-  gradient, from the EMA net (``bootstrap_ema``; the online net when no EMA is passed):
+  gradient, from the teacher, an EMA of the net kept by the harness at ``teacher_decay``
+  with its half-life capped at ``teacher_rampup`` of the steps done (``bootstrap_ema``;
+  the online net when no teacher is passed):
   ``s1 = s(x_t, t, k+1)``, ``x' = clip(x_t + (d/2) s1)``, ``s2 = s(x', t + d/2, k+1)``,
   ``target = clip((s1 + s2) / 2)``, clip = ``bootstrap_clip`` = 4.  The +-4 was tuned for
   SD-VAE latents (scaled by ~0.18); for data in [-1, 1] it is loose and almost never binds.
