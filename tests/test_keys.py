@@ -34,6 +34,18 @@ def test_training_fields_change_the_training_key_and_eval_fields_only_the_eval_k
     assert train3 != train0
 
 
+def test_fields_a_setting_makes_inert_leave_the_training_key() -> None:
+    # Shortcut without its EMA teacher: the teacher's decay and ramp-up cannot change the
+    # weights, so sweeping them reuses one training; with the teacher on they retrain.
+    off = keys("method=shortcut", "method.bootstrap_ema=false")[0]
+    assert keys("method=shortcut", "method.bootstrap_ema=false", "method.teacher_decay=0.5",
+                "method.teacher_rampup=0")[0] == off
+    on = keys("method=shortcut")[0]
+    assert off != on
+    assert keys("method=shortcut", "method.teacher_decay=0.5")[0] != on
+    assert keys("method=shortcut", "method.teacher_rampup=0")[0] != on
+
+
 def test_method_version_salts_the_training_key(monkeypatch) -> None:
     from methods.specs.fm import FlowMatchingSpec
 

@@ -57,10 +57,18 @@ class MethodConfig:
     def fields_on(cls, axis: Axis) -> list[str]:
         return [f.name for f in dataclasses.fields(cls) if f.metadata["axis"] == axis]
 
+    def inert_fields(self) -> tuple[str, ...]:
+        """Training fields that cannot change the weights given the other fields' values
+        (e.g. a teacher's decay with the teacher off); the training key leaves them out, so
+        sweeping them there does not retrain."""
+        return ()
+
     def split(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(training fields, evaluation fields) as plain dicts."""
+        """(training fields, evaluation fields) as plain dicts; inert training fields are
+        left out (the method then builds with their defaults, which it does not read)."""
         values = dataclasses.asdict(self)
-        train = {k: values[k] for k in self.fields_on("train")}
+        inert = set(self.inert_fields())
+        train = {k: values[k] for k in self.fields_on("train") if k not in inert}
         evals = {k: values[k] for k in self.fields_on("eval")}
         return train, evals
 

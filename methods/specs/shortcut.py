@@ -66,6 +66,10 @@ class ShortcutConfig(MethodConfig):
         if not self.bootstrap_clip > 0:
             raise ValueError(f"method.bootstrap_clip={self.bootstrap_clip} must be > 0 (official 4)")
 
+    def inert_fields(self) -> tuple[str, ...]:
+        """Without the EMA teacher (bootstrap_ema=False) its decay and ramp-up do nothing."""
+        return () if self.bootstrap_ema else ("teacher_decay", "teacher_rampup")
+
 
 class ShortcutSpec(MethodSpec):
     name = "shortcut"
