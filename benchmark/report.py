@@ -292,6 +292,13 @@ def _cells(agg: pd.DataFrame, metric: str, row: str, col: str) -> dict[tuple, di
     return out
 
 
+def _seeded_cell(cell: dict, most: int) -> str:
+    """A pivot cell's ``mean ± half-width``, marked ``(n=k)`` when it rests on fewer seeds than
+    the table's best-covered cells, so a reader does not take its interval for theirs."""
+    text = fmt_cell(cell["mean"], cell["lo"], cell["hi"])
+    return f"{text} (n={cell['n']})" if cell["n"] < most else text
+
+
 def interval_note(agg: pd.DataFrame, metric: str) -> str:
     """One sentence on what the ± means and how the best cell was decided."""
     seeds, fewest = int(agg["n"].max()), int(agg["n"].min())
@@ -299,6 +306,8 @@ def interval_note(agg: pd.DataFrame, metric: str) -> str:
             else "value ± half-width of its 95% bootstrap interval (sampling noise of one evaluation; one seed)")
     if seeds > 1 and fewest == 1:
         what += "; a cell from one seed: its evaluation's 95% bootstrap interval (sampling noise only)"
+    if fewest < seeds:
+        what += f"; (n=k): a cell over k < {seeds} seeds"
     if metric_info(metric).lower_is_better is None:
         return f"{what}; a diagnostic, nothing is marked best"
     test = ("Welch's one-sided t-test at 5% over seeds" if seeds > 1
@@ -313,6 +322,7 @@ def pivot_table(agg: pd.DataFrame, metric: str, row: str, col: str, cols: list, 
     """Rows x columns of ``metric`` (mean ± 95% half-width) with a column's best cell marked
     where the difference to the runner-up is resolved."""
     cells = _cells(agg, metric, row, col)
+    most = int(agg["n"].max())
     labels = list(dict.fromkeys(agg[row]))
     grid = pd.DataFrame([[cells.get((label, c), math.nan) for c in cols] for label in labels],
                         index=labels, columns=cols, dtype=object)
@@ -321,8 +331,7 @@ def pivot_table(agg: pd.DataFrame, metric: str, row: str, col: str, cols: list, 
     rows, bold = [], []
     for label in labels:
         row_cells = [grid.at[label, c] for c in cols]
-        rows.append([str(label)] + [fmt_cell(x["mean"], x["lo"], x["hi"]) if isinstance(x, dict) else "–"
-                                    for x in row_cells])
+        rows.append([str(label)] + [_seeded_cell(x, most) if isinstance(x, dict) else "–" for x in row_cells])
         bold.append([False] + [bool(best.at[label, c]) for c in cols])
     numbers = pd.DataFrame([{"row": label, col: c, "mean": x["mean"], "lo": x["lo"], "hi": x["hi"],
                              "std": x["std"], "n": x["n"], "best": bool(best.at[label, c])}

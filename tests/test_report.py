@@ -226,6 +226,19 @@ def test_best_guidance_is_chosen_on_the_selection_seed_and_scored_at_the_reporte
     assert curve.numbers["mean"].tolist() == pytest.approx([5.01, 2.51, 2.01])
 
 
+def test_a_cell_over_fewer_seeds_than_its_table_is_marked_with_its_count() -> None:
+    nine = _fake_evaluations(9, {"fm": 1.0}, spread=0.05, rng_seed=0)
+    three = _fake_evaluations(3, {"imf": 1.5}, spread=0.05, rng_seed=1)
+    [t] = report.method_nfe_tables(pd.concat([nine, three], ignore_index=True), ["fd"])
+    rows = {r[0]: r[1] for r in t.rows}
+    mean_imf = three["metric.fd"].mean()
+    assert rows["imf"].startswith(report.fmt(mean_imf)) and rows["imf"].endswith(" (n=3)")
+    assert "(n=" not in rows["fm"]
+    assert "over 9 training seeds" in t.note and "(n=k): a cell over k < 9 seeds" in t.note
+    [t] = report.method_nfe_tables(nine, ["fd"])
+    assert "(n=" not in t.rows[0][1] and "(n=k)" not in t.note
+
+
 def test_best_guidance_needs_a_selection_seed() -> None:
     df = _guidance_rows({(1.0, report.REPORTED_EVAL_SEED): 5.0, (2.0, report.REPORTED_EVAL_SEED): 2.5})
     assert report.best_guidance(df, "fd_matched", lower_is_better=True).empty

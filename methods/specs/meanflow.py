@@ -7,7 +7,9 @@ first samples of the batch.  CIFAR-10 (py-meanflow) differs: 75% r != t chosen b
 random mask (``ratio_r_neq_t=0.75 r_neq_t_selection=random``), p = 0.75, c = 1e-3, and in
 its ``v1`` sampler t ~ logit-normal(-0.6, 1.6), r ~ logit-normal(-4.0, 1.6) paired by
 clamping (``r_time_mean=-4.0 r_time_std=1.6 tr_pairing=clamp``).  Toy runs should use
-``adaptive_p=0`` (docs/methods.md §10: p = 1 biases low-dimensional models).
+``adaptive_p=0`` (docs/methods.md §10: p = 1 biases low-dimensional models) and the small-data
+fraction ``ratio_r_neq_t=0.75``: at 0.25 only a quarter of the batch trains the one-step map,
+which leaves MeanFlow under-trained in a 3000-step toy run (README, Toys).
 
 Guidance is baked in at training time: the top-level ``guidance`` axis becomes ``omega``
 (one checkpoint per value) and sampling costs one pass per step whatever the guidance.
